@@ -1,0 +1,36 @@
+"""What the engine needs to know about a transformer checkpoint's layout, read from names and config."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+PRE_LAYER_MARKERS = ("embed", "wte", "wpe")
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> ("model.layers.", 3, "mlp.up_proj.weight"); None outside layers."""
+    match = LAYER_NAME.match(name)
+    return (match["prefix"], int(match["index"]), match["rest"]) if match else None
+
+
+def layer_tensor_name(prefix: str, index: int, rest: str) -> str:
+    return f"{prefix}{index}.{rest}"
+
+
+def is_pre_layer(name: str) -> bool:
+    """Embeddings come before the layers; everything else outside layers (final norm, lm_head) after."""
+    return any(marker in name for marker in PRE_LAYER_MARKERS)
+
+
+def layer_count_key(config: dict[str, Any]) -> str:
+    """The config key holding the number of layers."""
+    for key in LAYER_COUNT_KEYS:
+        if key in config:
+            return key
+    nested = config.get("text_config") or {}
+    raise KeyError(
+        f"config.json has none of {', '.join(LAYER_COUNT_KEYS)}"
+        + (" (multimodal configs with text_config are not supported yet)" if nested else "")
+    )

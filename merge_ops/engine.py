@@ -1,0 +1,116 @@
+"""Running a plan: merge one shard, finalize the folder, or merge a whole model atomically."""
+from __future__ import annotations
+
+import shutil
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merge_ops.errors import DeviceError, OutputExistsError
+from merge_ops.methods.registry import get_method
+from merge_ops.model_folder import write_model_files
+from merge_ops.plan import MergePlan, TensorJob, TensorSource, torch_dtype
+from merge_ops.safetensors_io import StreamingSafetensorsWriter, load_tensor
+
+Progress = Callable[[TensorJob], None]
+
+
+def check_device(device: str) -> torch.device:
+    """The torch device for ``device``; DeviceError if it is not available here."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was asked for but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _read(source: TensorSource) -> torch.Tensor:
+    return load_tensor(Path(source.file), source.name)
+
+
+def _read_inputs(job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    return [_read(s) for s in job.inputs], _read(job.base) if job.base else None
+
+
+def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Compute one output tensor from its loaded inputs, in the plan's compute dtype."""
+    out_dtype = torch_dtype(job.dtype)
+    first = base if base is not None else inputs[0]
+    if not first.is_floating_point():
+        return first.to(out_dtype)
+    method = get_method(plan.method)
+    compute = torch_dtype(plan.compute_dtype)
+    kwargs = {method.params[name].arg: value for name, value in job.params.items()}
+    if method.random:
+        kwargs["generator"] = torch.Generator().manual_seed(job.seed)
+    try:
+        result = method(
+            [x.to(device=device, dtype=compute) for x in inputs],
+            base.to(device=device, dtype=compute) if base is not None else None,
+            **kwargs,
+        )
+    except ValueError as err:
+        raise ValueError(f"{plan.method} failed on tensor {job.name}: {err}") from err
+    return result.to(dtype=out_dtype, device="cpu")
+
+
+def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cpu", progress: Progress | None = None) -> str:
+    """Write shard ``index`` of ``plan`` into ``out_dir`` atomically and return its sha256.
+
+    Reading the next tensor's inputs and writing the previous result overlap the arithmetic.
+    """
+    dev = check_device(device)
+    shard = plan.shards[index]
+    specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]
+    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer_thread:
+        with StreamingSafetensorsWriter(Path(out_dir) / shard.file, specs) as writer:
+            pending_read = reader.submit(_read_inputs, shard.tensors[0])
+            pending_write: Future[None] | None = None
+            for i, job in enumerate(shard.tensors):
+                inputs, base = pending_read.result()
+                if i + 1 < len(shard.tensors):
+                    pending_read = reader.submit(_read_inputs, shard.tensors[i + 1])
+                result = merge_tensor(plan, job, inputs, base, dev)
+                del inputs, base
+                if pending_write:
+                    pending_write.result()
+                pending_write = writer_thread.submit(writer.write, job.name, result)
+                if progress:
+                    pending_write.add_done_callback(lambda _, job=job: progress(job))
+            if pending_write:
+                pending_write.result()
+    return writer.sha256
+
+
+def finalize(plan: MergePlan, out_dir: Path) -> None:
+    """Write everything but the weights: index, config, generation config, tokenizer, model card."""
+    missing = [s.file for s in plan.shards if not (Path(out_dir) / s.file).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{out_dir}: shard(s) not written yet: {', '.join(missing)}; run merge_shard for them first")
+    write_model_files(plan, Path(out_dir))
+
+
+def merge_model(
+    plan: MergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, progress: Progress | None = None
+) -> dict[str, str]:
+    """Merge every shard into a staging folder and move it to ``out_dir`` when complete.
+
+    Returns shard file -> sha256. ``out_dir`` never holds a partial model.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise OutputExistsError(str(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        hashes = {s.file: merge_shard(plan, i, staging, device=device, progress=progress) for i, s in enumerate(plan.shards)}
+        finalize(plan, staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return hashes

@@ -1,0 +1,48 @@
+"""Every error mergeflow raises on purpose: one root class, each also a matching built-in.
+
+Each message says what is wrong and what to do about it; the CLI prints it as one line.
+"""
+from __future__ import annotations
+
+
+class MergeflowError(Exception):
+    """Root of all mergeflow errors."""
+
+
+class RecipeError(MergeflowError, ValueError):
+    """The recipe is invalid; the message lists every problem with its key path."""
+
+    def __init__(self, problems: list[str], *, source: str = "recipe") -> None:
+        self.problems = problems
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+class ModelNotFoundError(MergeflowError, FileNotFoundError):
+    """A model reference does not point at a usable local model folder."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model = model
+        super().__init__(f"model {model!r}: {reason}")
+
+
+class IncompatibleModelsError(MergeflowError, ValueError):
+    """Input models cannot be merged together (shapes, names or architecture differ)."""
+
+    def __init__(self, mismatches: list[str]) -> None:
+        self.mismatches = mismatches
+        lines = "\n".join(f"  - {m}" for m in mismatches)
+        super().__init__(f"the models cannot be merged ({len(mismatches)} mismatch(es)):\n{lines}")
+
+
+class OutputExistsError(MergeflowError, FileExistsError):
+    """The output directory already holds something."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"{path} already exists: choose another output path or pass --force to replace it")
+
+
+class DeviceError(MergeflowError, RuntimeError):
+    """The requested compute device is not available."""

@@ -1,0 +1,51 @@
+"""Model Breadcrumbs: drop both the smallest and the largest task-vector entries (Davari & Belilovsky, 2023)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from merge_ops.methods import sparsify
+from merge_ops.methods.declaration import Fraction, PerModel, merge_method
+from merge_ops.methods.task_arithmetic import combine_task_vectors
+
+
+def _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus) -> Tensor:  # noqa: ANN001
+    def trim(i: int, delta: Tensor) -> Tensor:
+        kept = sparsify.magnitude_outliers(delta, density[i], gamma[i])
+        return sparsify.rescale_l1(delta, kept) if rescale else kept
+
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus, sparsify=trim
+    )
+
+
+@merge_method("breadcrumbs", base="required")
+def breadcrumbs(
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    weight: PerModel[float],
+    density: PerModel[Fraction] = 1.0,
+    gamma: PerModel[Fraction] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+) -> Tensor:
+    """Task arithmetic over task vectors without their smallest entries and top-``gamma`` outliers."""
+    return _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus=False)
+
+
+@merge_method("breadcrumbs_ties", base="required")
+def breadcrumbs_ties(
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    weight: PerModel[float],
+    density: PerModel[Fraction] = 1.0,
+    gamma: PerModel[Fraction] = 0.01,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = False,
+    int8_mask: bool = False,
+) -> Tensor:
+    """Breadcrumbs trimming followed by TIES sign election."""
+    return _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus=True)

@@ -1,0 +1,53 @@
+"""DARE: drop task-vector entries at random and rescale (Yu et al., 2023), with or without TIES signs."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from merge_ops.methods import sparsify
+from merge_ops.methods.declaration import Fraction, PerModel, merge_method
+from merge_ops.methods.task_arithmetic import combine_task_vectors
+
+
+def _dare(tensors, base, generator, weight, density, lambda_, normalize, rescale, consensus) -> Tensor:  # noqa: ANN001
+    def drop(i: int, delta: Tensor) -> Tensor:
+        kept = sparsify.random(delta, density[i], generator)
+        return sparsify.rescale_l1(delta, kept) if rescale else kept
+
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus, sparsify=drop
+    )
+
+
+@merge_method("dare_ties", base="required")
+def dare_ties(
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    generator: torch.Generator,
+    weight: PerModel[float],
+    density: PerModel[Fraction] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    int8_mask: bool = False,
+) -> Tensor:
+    """Randomly drop task-vector entries, rescale to the original L1 norm, merge with TIES sign election."""
+    return _dare(tensors, base, generator, weight, density, lambda_, normalize, rescale, consensus=True)
+
+
+@merge_method("dare_linear", base="required")
+def dare_linear(
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    generator: torch.Generator,
+    weight: PerModel[float],
+    density: PerModel[Fraction] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = False,
+    rescale: bool = True,
+    int8_mask: bool = False,
+) -> Tensor:
+    """Randomly drop task-vector entries, rescale to the original L1 norm, add them up linearly."""
+    return _dare(tensors, base, generator, weight, density, lambda_, normalize, rescale, consensus=False)

@@ -1,0 +1,116 @@
+"""How a merge method declares itself: the signature of one plain function is the declaration.
+
+A method is ``fn(tensors, base, *, <params>) -> Tensor``. Keyword parameters annotated
+``PerModel[T]`` take one value per input model; the others are global. Defaults are the
+method's defaults, ``Annotated[..., Field(ge=..)]`` ranges are enforced on recipes, a trailing
+underscore maps to a recipe name that is a Python keyword (``lambda_`` -> ``lambda``), and a
+keyword ``generator`` asks the engine for a per-tensor seeded ``torch.Generator``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, get_args, get_origin, get_type_hints
+
+from pydantic import Field, TypeAdapter, ValidationError
+
+BaseUse = Literal["required", "optional", "none"]
+REQUIRED: Any = inspect.Parameter.empty
+_INJECTED = ("tensors", "base", "generator")
+_PER_MODEL = "per-model"
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+
+
+class PerModel:
+    """``PerModel[float]``: a parameter with one value for each input model."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return Annotated[list[item], _PER_MODEL]
+
+
+@dataclass(frozen=True)
+class MethodParam:
+    """One recipe parameter of a merge method."""
+
+    name: str
+    arg: str
+    value_type: Any
+    default: Any
+    per_model: bool
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> Any:
+        """Validate one scalar value; raises ValueError naming what is allowed."""
+        try:
+            return TypeAdapter(self.value_type).validate_python(value, strict=False)
+        except ValidationError as err:
+            reason = "; ".join(e["msg"] for e in err.errors())
+            raise ValueError(f"{value!r} is not allowed for {self.name} ({self.describe()}): {reason}") from None
+
+    def describe(self) -> str:
+        """Human-readable type, range and default, for errors, docs and `mergeflow methods`."""
+        base_type = self.value_type
+        bounds = []
+        if get_origin(base_type) is Annotated:
+            base_type, *meta = get_args(base_type)
+            for m in meta:
+                for item in getattr(m, "metadata", []):
+                    for op in ("ge", "gt", "le", "lt"):
+                        if hasattr(item, op):
+                            bounds.append(f"{op} {getattr(item, op)}")
+        text = getattr(base_type, "__name__", str(base_type))
+        if bounds:
+            text += " " + ", ".join(bounds)
+        text += ", per model" if self.per_model else ", global"
+        return text + (", required" if self.required else f", default {self.default!r}")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its function and what it declares."""
+
+    name: str
+    fn: Callable[..., Any]
+    base: BaseUse
+    params: dict[str, MethodParam]
+    random: bool
+    min_models: int
+    max_models: int | None
+    summary: str
+
+    def __call__(self, tensors: Any, base: Any, **kwargs: Any) -> Any:
+        return self.fn(tensors, base, **kwargs)
+
+
+def merge_method(
+    name: str, *, base: BaseUse, min_models: int = 1, max_models: int | None = None
+) -> Callable[[Callable[..., Any]], MergeMethod]:
+    """Turn a plain function into a MergeMethod, reading its parameters from the signature.
+
+    Args:
+        name: the recipe's ``merge_method`` value.
+        base: whether the method needs ``base_model`` ("required"), can use it, or ignores it.
+        min_models, max_models: how many non-base inputs each tensor may have.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> MergeMethod:
+        hints = get_type_hints(fn, include_extras=True)
+        params: dict[str, MethodParam] = {}
+        for p in inspect.signature(fn).parameters.values():
+            if p.name in _INJECTED:
+                continue
+            hint = hints[p.name]
+            per_model = get_origin(hint) is Annotated and _PER_MODEL in get_args(hint)[1:]
+            value_type = get_args(get_args(hint)[0])[0] if per_model else hint
+            recipe_name = p.name.rstrip("_")
+            params[recipe_name] = MethodParam(recipe_name, p.name, value_type, p.default, per_model)
+        summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        random = "generator" in inspect.signature(fn).parameters
+        return MergeMethod(name, fn, base, params, random, min_models, max_models, summary)
+
+    return wrap

@@ -1,0 +1,31 @@
+"""TIES: trim by magnitude, elect signs, merge the agreeing entries (Yadav et al., 2023)."""
+from __future__ import annotations
+
+from torch import Tensor
+
+from merge_ops.methods import sparsify
+from merge_ops.methods.declaration import Fraction, PerModel, merge_method
+from merge_ops.methods.task_arithmetic import combine_task_vectors
+
+
+@merge_method("ties", base="required")
+def ties(
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    weight: PerModel[float],
+    density: PerModel[Fraction] = 1.0,
+    lambda_: float = 1.0,
+    normalize: bool = True,
+    rescale: bool = False,
+    int8_mask: bool = False,
+) -> Tensor:
+    """Keep each task vector's top-``density`` magnitudes, elect signs by weighted mass, average agreeing entries."""
+
+    def trim(i: int, delta: Tensor) -> Tensor:
+        kept = sparsify.magnitude(delta, density[i])
+        return sparsify.rescale_l1(delta, kept) if rescale else kept
+
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsify=trim
+    )

@@ -1,0 +1,101 @@
+"""The non-weight files of a merged model folder: index, config, tokenizer and model card."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from merge_ops.architecture import layer_count_key
+from merge_ops.plan import MergePlan
+from merge_ops.safetensors_io import INDEX_FILE
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_index(plan: MergePlan, out_dir: Path) -> None:
+    """model.safetensors.index.json, for sharded outputs."""
+    if len(plan.shards) < 2:
+        return
+    weight_map = {t.name: s.file for s in plan.shards for t in s.tensors}
+    _write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": plan.total_size}, "weight_map": weight_map})
+
+
+def write_config(plan: MergePlan, out_dir: Path) -> None:
+    """config.json from the base (or first) model with the layer count and dtype of the merge."""
+    source = Path(plan.sources[plan.config_from])
+    config = json.loads((source / "config.json").read_text())
+    config[layer_count_key(config)] = plan.num_layers
+    per_layer = [k for k, v in config.items() if isinstance(v, list) and len(v) == len(plan.layer_origins) and k.startswith("layer")]
+    for key in per_layer if plan.layer_origins else []:
+        origin_configs = {m: json.loads((Path(plan.sources[m]) / "config.json").read_text()) for m, _ in plan.layer_origins}
+        config[key] = [origin_configs[m][key][i] for m, i in plan.layer_origins]
+    dtype = plan.out_dtype or _stored_dtype(plan)
+    config["torch_dtype"] = dtype
+    if "dtype" in config:
+        config["dtype"] = dtype
+    _write_json(out_dir / "config.json", config)
+    generation = source / "generation_config.json"
+    if generation.exists():
+        shutil.copyfile(generation, out_dir / "generation_config.json")
+
+
+def _stored_dtype(plan: MergePlan) -> str:
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    return names.get(plan.shards[0].tensors[0].dtype, "float32")
+
+
+def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
+    """Copy the tokenizer files of the tokenizer source; apply a chat template if the recipe sets one."""
+    if plan.tokenizer_from is None:
+        return
+    source = Path(plan.sources[plan.tokenizer_from])
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copyfile(source / name, out_dir / name)
+    template = plan.chat_template
+    if template and template != "auto":
+        template = CHAT_TEMPLATES.get(template, template)
+        (out_dir / "chat_template.jinja").write_text(template)
+
+
+def model_card(plan: MergePlan) -> str:
+    """README.md with Hub metadata (base_model, tags, library_name) and the recipe verbatim."""
+    sources = list(plan.sources)
+    meta = {"base_model": sources, "library_name": "transformers", "tags": ["merge", "mergeflow", plan.method]}
+    listed = "\n".join(f"- `{s}`" for s in sources)
+    base = f"`{plan.base_model}` as the base" if plan.base_model else "no base model"
+    return (
+        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# Merged model\n\n"
+        f"Made with [mergeflow](https://pypi.org/project/mergeflow/) using the **{plan.method}** method with {base}.\n\n"
+        f"## Models merged\n\n{listed}\n\n## Recipe\n\n```yaml\n{plan.recipe_text.strip()}\n```\n"
+    )
+
+
+def write_model_files(plan: MergePlan, out_dir: Path) -> None:
+    """All non-weight files of the merged model."""
+    write_index(plan, out_dir)
+    write_config(plan, out_dir)
+    write_tokenizer(plan, out_dir)
+    (out_dir / "README.md").write_text(model_card(plan))

@@ -1,0 +1,333 @@
+"""The merge plan: every output tensor, its inputs and resolved parameters, grouped into shards.
+
+``plan_merge`` does all checking up front and returns a serialisable ``MergePlan``; shards are
+then independent units of work (``merge_shard`` in merge_ops.engine) that can run in any order
+and in any process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import yaml
+from pydantic import BaseModel
+
+from merge_ops.architecture import is_pre_layer, layer_count_key, layer_tensor_name, split_layer_name
+from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, RecipeError
+from merge_ops.methods.declaration import REQUIRED, MergeMethod
+from merge_ops.methods.registry import get_method
+from merge_ops.parameters import NOT_SET, layer_position, lookup
+from merge_ops.recipe import ModelRef, Parameters, Recipe
+from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor_index
+
+DEFAULT_SHARD_SIZE = 5 * 10**9
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class TensorSource(BaseModel):
+    model: str
+    file: str
+    name: str
+    dtype: str
+
+
+class TensorJob(BaseModel):
+    """One output tensor: its inputs, resolved parameters and random seed."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    inputs: list[TensorSource]
+    base: TensorSource | None
+    params: dict[str, Any]
+    seed: int
+
+    @property
+    def nbytes(self) -> int:
+        return TensorInfo(Path(), self.dtype, self.shape).nbytes
+
+    @property
+    def input_nbytes(self) -> int:
+        sources = self.inputs + ([self.base] if self.base else [])
+        return sum(TensorInfo(Path(), s.dtype, self.shape).nbytes for s in sources)
+
+
+class ShardJob(BaseModel):
+    file: str
+    tensors: list[TensorJob]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+class MergePlan(BaseModel):
+    """Everything needed to write the merged model, without reading another recipe or model."""
+
+    method: str
+    recipe_text: str
+    recipe_sha256: str
+    compute_dtype: str
+    sources: dict[str, str]
+    base_model: str | None
+    config_from: str
+    tokenizer_from: str | None
+    chat_template: str | None
+    num_layers: int
+    layer_origins: list[tuple[str, int]]
+    out_dtype: str | None
+    shards: list[ShardJob]
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.input_nbytes for s in self.shards for t in s.tensors)
+
+    @property
+    def largest_tensor_job(self) -> TensorJob:
+        return max((t for s in self.shards for t in s.tensors), key=lambda t: t.input_nbytes)
+
+
+@dataclass
+class SourceModel:
+    """A local model folder: its config and tensor index (headers only)."""
+
+    key: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    layers: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, key: str, path: Path) -> "SourceModel":
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(key, f"{path} has no config.json; point the recipe at a Hugging Face model folder")
+        tensors = read_tensor_index(path)
+        if not tensors:
+            raise ModelNotFoundError(key, f"{path} has no .safetensors weights (convert .bin checkpoints to safetensors first)")
+        layers: dict[int, list[tuple[str, str]]] = {}
+        for name in tensors:
+            parts = split_layer_name(name)
+            if parts:
+                layers.setdefault(parts[1], []).append((parts[0], parts[2]))
+        return cls(key, path, json.loads((path / "config.json").read_text()), tensors, layers)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config[layer_count_key(self.config)])
+
+
+@dataclass
+class _Slice:
+    sources: list[tuple[ModelRef, tuple[int, int], Parameters]]
+    parameters: Parameters
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The per-tensor random seed: a function of (recipe seed, tensor name) only."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def resolve_sources(recipe: Recipe, sources: Mapping[str, Path] | None, base_dir: Path) -> dict[str, SourceModel]:
+    """Open every referenced model: from ``sources`` (ref key -> folder) or as a local path."""
+    opened = {}
+    for ref in recipe.referenced_models:
+        given = (sources or {}).get(ref.key)
+        candidates = [Path(given)] if given else [Path(ref.path), base_dir / ref.path]
+        folder = next((c for c in candidates if c.is_dir()), None)
+        if folder is None:
+            raise ModelNotFoundError(
+                ref.key, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path"
+            )
+        opened[ref.key] = SourceModel.open(ref.key, folder.resolve())
+    return opened
+
+
+def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, SourceModel]) -> list[_Slice]:
+    if recipe.slices is not None:
+        return [_Slice([(s.model, s.layer_range, s.parameters) for s in sl.sources], sl.parameters) for sl in recipe.slices]
+    members = [(m.model, m.parameters) for m in recipe.models or []]
+    base = recipe.base_model
+    if base and method.base != "none" and base not in [m for m, _ in members]:
+        members.append((base, {}))
+    reference = models[(base or members[0][0]).key]
+    return [_Slice([(m, (0, reference.num_layers), p) for m, p in members], {})]
+
+
+class _Planner:
+    def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, SourceModel]) -> None:
+        self.recipe, self.method, self.models = recipe, method, models
+        self.problems: list[str] = []
+        self.mismatches: list[str] = []
+        out = recipe.out_dtype or recipe.dtype
+        self.out_dtype = DTYPE_NAMES[getattr(torch, out)] if out else None
+
+    def job(self, name: str, members: list[tuple[ModelRef, str, Parameters]], slice_params: Parameters, t: float) -> TensorJob | None:
+        base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.base != "none" else None
+        found: list[tuple[ModelRef, TensorSource, Parameters]] = []
+        shapes = {}
+        for ref, source_name, params in members:
+            info = self.models[ref.key].tensors.get(source_name)
+            if info is None:
+                self.mismatches.append(f"{ref.key} has no tensor {source_name!r} (needed for {name})")
+                continue
+            shapes[ref.key] = info.shape
+            found.append((ref, TensorSource(model=ref.key, file=str(info.file), name=source_name, dtype=info.dtype), params))
+        if len(set(shapes.values())) > 1:
+            self.mismatches.append(f"{name}: shapes differ: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
+        if len(found) != len(members) or len(set(shapes.values())) > 1:
+            return None
+        base = next((src for ref, src, _ in found if ref.key == base_key), None)
+        if self.method.base == "required" and base is None:
+            self.problems.append(f"{name}: {self.method.name} needs the base model {base_key} among the inputs of every slice")
+            return None
+        others = [(src, params) for ref, src, params in found if ref.key != base_key]
+        resolved: dict[str, Any] = {}
+        for pname, param in self.method.params.items():
+            if param.per_model:
+                values = [lookup(pname, [p, slice_params, self.recipe.parameters], name, t) for _, p in others]
+            else:
+                values = [lookup(pname, [slice_params, self.recipe.parameters], name, t)]
+            values = [param.default if v is NOT_SET else v for v in values]
+            if any(v is REQUIRED for v in values):
+                self.problems.append(f"{name}: no value of {pname} applies to this tensor ({param.describe()}); add a fallback entry without filter")
+                continue
+            try:
+                values = [param.check(v) for v in values]
+            except ValueError as err:
+                self.problems.append(f"{name}: {err}")
+                continue
+            resolved[pname] = values if param.per_model else values[0]
+        return TensorJob(
+            name=name,
+            dtype=self.out_dtype or found[0][1].dtype,
+            shape=next(iter(shapes.values())),
+            inputs=[src for src, _ in others],
+            base=base,
+            params=resolved,
+            seed=tensor_seed(self.recipe.seed, name),
+        )
+
+    def jobs(self, slices: list[_Slice]) -> tuple[list[TensorJob], list[tuple[str, int]]]:
+        def reference(sl: _Slice) -> SourceModel:
+            base = self.recipe.base_model
+            keys = [ref.key for ref, _, _ in sl.sources]
+            return self.models[base.key if base and base.key in keys else keys[0]]
+
+        def outside_layers(sl: _Slice, pre: bool) -> list[TensorJob | None]:
+            names = [n for n in reference(sl).tensors if split_layer_name(n) is None and is_pre_layer(n) == pre]
+            return [self.job(n, [(ref, n, p) for ref, _, p in sl.sources], sl.parameters, 0.0) for n in names]
+
+        jobs = outside_layers(slices[0], pre=True)
+        origins: list[tuple[str, int]] = []
+        for sl in slices:
+            ref_model = reference(sl)
+            ref_start = next(r for m, r, _ in sl.sources if m.key == ref_model.key)[0]
+            length = sl.sources[0][1][1] - sl.sources[0][1][0]
+            for ref, (start, end), _ in sl.sources:
+                if end > self.models[ref.key].num_layers:
+                    self.problems.append(f"layer_range [{start}, {end}) of {ref.key}: the model has only {self.models[ref.key].num_layers} layers")
+            if self.problems:
+                continue
+            for j in range(length):
+                out_layer = len(origins)
+                origins.append((ref_model.key, ref_start + j))
+                for prefix, rest in ref_model.layers.get(ref_start + j, []):
+                    members = [(ref, layer_tensor_name(prefix, start + j, rest), p) for ref, (start, _), p in sl.sources]
+                    jobs.append(self.job(layer_tensor_name(prefix, out_layer, rest), members, sl.parameters, layer_position(j, length)))
+        jobs += outside_layers(slices[-1], pre=False)
+        if self.problems:
+            raise RecipeError(self.problems)
+        if self.mismatches:
+            raise IncompatibleModelsError(self.mismatches)
+        return [j for j in jobs if j is not None], origins
+
+
+def assign_shards(jobs: list[TensorJob], shard_size: int) -> list[ShardJob]:
+    """Greedy, in order: a new shard starts when the next tensor would pass ``shard_size`` bytes."""
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + job.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += job.nbytes
+    if len(groups) == 1:
+        return [ShardJob(file="model.safetensors", tensors=groups[0])]
+    n = len(groups)
+    return [ShardJob(file=f"model-{i + 1:05d}-of-{n:05d}.safetensors", tensors=g) for i, g in enumerate(groups)]
+
+
+def _tokenizer_source(recipe: Recipe, first: str) -> str | None:
+    choice = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
+    base = recipe.base_model.key if recipe.base_model else first
+    if choice in (None, "base", "union"):
+        return base
+    return ModelRef.model_validate(choice).key
+
+
+def plan_merge(
+    recipe: Recipe,
+    sources: Mapping[str, Path] | None = None,
+    *,
+    recipe_text: str = "",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    compute_dtype: str = "float32",
+    base_dir: Path | None = None,
+) -> MergePlan:
+    """Plan a merge: open the models (headers only), resolve every tensor's inputs and parameters.
+
+    Args:
+        recipe: a validated recipe.
+        sources: local folders for model references (ref key, e.g. ``org/repo@rev`` -> folder);
+            references not in it must be local paths (absolute, or relative to cwd or ``base_dir``).
+        recipe_text: the recipe as written, kept for the model card.
+        shard_size: maximum bytes per output shard.
+        compute_dtype: dtype of the arithmetic (float32 by default).
+
+    Raises:
+        RecipeError, ModelNotFoundError, IncompatibleModelsError.
+    """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise RecipeError([f"compute dtype {compute_dtype!r} -> use one of {', '.join(COMPUTE_DTYPES)}"])
+    method = get_method(recipe.merge_method)
+    models = resolve_sources(recipe, sources, base_dir or Path.cwd())
+    slices = _slices(recipe, method, models)
+    jobs, origins = _Planner(recipe, method, models).jobs(slices)
+    config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key
+    tokenizer_from = _tokenizer_source(recipe, config_from)
+    if tokenizer_from not in models:
+        raise RecipeError([f"tokenizer_source: {tokenizer_from!r} is not one of the recipe's models ({', '.join(models)})"])
+    text = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+    return MergePlan(
+        method=method.name,
+        recipe_text=text,
+        recipe_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        compute_dtype=compute_dtype,
+        sources={k: str(m.path) for k, m in models.items()},
+        base_model=recipe.base_model.key if recipe.base_model else None,
+        config_from=config_from,
+        tokenizer_from=tokenizer_from,
+        chat_template=recipe.chat_template,
+        num_layers=len(origins),
+        layer_origins=origins,
+        out_dtype=recipe.out_dtype or recipe.dtype,
+        shards=assign_shards(jobs, shard_size),
+    )
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """``"BF16"`` or ``"bfloat16"`` -> torch.bfloat16."""
+    return DTYPES.get(name) or getattr(torch, name)

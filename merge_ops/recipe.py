@@ -1,0 +1,199 @@
+"""Recipes in mergekit's YAML schema, validated with pydantic.
+
+``load_recipe`` accepts any mergekit recipe unchanged and raises one RecipeError that lists every
+problem with its key path, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+
+from merge_ops.errors import RecipeError
+
+DType = Literal["float32", "bfloat16", "float16"]
+Scalar = Union[bool, int, float, str]
+
+
+class FilterEntry(BaseModel):
+    """One entry of a conditional parameter: ``{filter: self_attn, value: 0.5}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+ParamValue = Union[Scalar, list[FilterEntry], list[Scalar]]
+Parameters = dict[str, ParamValue]
+
+
+class ModelRef(BaseModel):
+    """A model: a local directory or a Hub id, with an optional revision (``org/repo@rev``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: str
+    revision: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if "+" in value:
+                raise ValueError(f"{value!r}: LoRA references (model+lora) are not supported; merge the LoRA into its model first")
+            path, _, revision = value.partition("@")
+            return {"path": path, "revision": revision or None}
+        if isinstance(value, dict) and "model" in value:
+            if value.get("lora"):
+                raise ValueError("LoRA references are not supported; merge the LoRA into its model first")
+            return value["model"]
+        return value
+
+    @model_serializer
+    def _as_text(self) -> str:
+        return self.key
+
+    @property
+    def key(self) -> str:
+        """The reference as written in recipes: ``path`` or ``path@revision``."""
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class InputModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelRef
+    parameters: Parameters = Field(default_factory=dict)
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: Parameters = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if not 0 <= start < end:
+            raise ValueError(f"layer_range {list(value)} must be [start, end) with 0 <= start < end")
+        return value
+
+
+class Slice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: Parameters = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "Slice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return self
+
+
+class TokenizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = "base"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+    @field_validator("tokens")
+    @classmethod
+    def _no_tokens(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value:
+            raise ValueError("per-token embedding sources are not supported yet; remove tokenizer.tokens")
+        return value
+
+
+class Recipe(BaseModel):
+    """A merge recipe (mergekit schema, plus an optional ``seed`` for random methods)."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    base_model: ModelRef | None = None
+    models: list[InputModel] | None = None
+    slices: list[Slice] | None = None
+    parameters: Parameters = Field(default_factory=dict)
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Recipe":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of `models` or `slices`")
+        if self.tokenizer and self.tokenizer_source:
+            raise ValueError("give either `tokenizer_source` or `tokenizer`, not both")
+        return self
+
+    @property
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model the recipe uses, base first, each once, in recipe order."""
+        refs = [self.base_model] if self.base_model else []
+        if self.models is not None:
+            refs += [m.model for m in self.models]
+        for s in self.slices or []:
+            refs += [src.model for src in s.sources]
+        return list(dict.fromkeys(refs))
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "tagged-union", "union[", "list[", "tuple[", "dict[", "bool", "int", "float", "str", "FilterEntry", "function-before")):
+            path += f".{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def validation_problems(err: ValidationError) -> list[str]:
+    """One readable line per pydantic error: key path, bad value, what is allowed."""
+    seen: dict[str, str] = {}
+    for e in err.errors():
+        where = _location(e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling"
+        shown = repr(e["input"])
+        plain = e["type"] in ("missing", "extra_forbidden") or len(shown) > 60
+        text = f"{where}: {message}" if plain else f"{where}: {shown} -> {message}"
+        seen.setdefault(where, text)
+    return list(seen.values())
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+    """Validate recipe data (parsed YAML); RecipeError lists every problem."""
+    from merge_ops.recipe_checks import method_problems
+
+    if not isinstance(data, dict):
+        raise RecipeError([f"(top level): expected a mapping with merge_method and models/slices, got {type(data).__name__}"], source=source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(validation_problems(err), source=source) from None
+    problems = method_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecipeError([f"file not found: {path}"], source=str(path)) from None
+    except yaml.YAMLError as err:
+        raise RecipeError([f"not valid YAML: {err}"], source=str(path)) from None
+    return parse_recipe(data, source=str(path))

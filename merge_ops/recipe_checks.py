@@ -1,0 +1,79 @@
+"""Checks of a parsed recipe against its merge method's declared parameters."""
+from __future__ import annotations
+
+import logging
+
+from merge_ops.errors import RecipeError
+from merge_ops.methods.declaration import MergeMethod
+from merge_ops.parameters import scalars_in
+from merge_ops.recipe import Parameters, Recipe
+
+log = logging.getLogger(__name__)
+
+
+def _check_settings(method: MergeMethod, params: Parameters, where: str, *, per_model_only: bool) -> list[str]:
+    from merge_ops.methods.registry import METHODS
+
+    problems = []
+    for name, value in params.items():
+        param = method.params.get(name)
+        if param is None:
+            if any(name in m.params for m in METHODS.values()):
+                log.warning("%s.%s is not used by %s and is ignored", where, name, method.name)
+            else:
+                allowed = ", ".join(method.params) or "none"
+                problems.append(f"{where}.{name}: unknown parameter for {method.name}; allowed: {allowed}")
+            continue
+        if per_model_only and not param.per_model:
+            problems.append(f"{where}.{name}: {name} is a global parameter of {method.name}; set it under the top-level `parameters`")
+            continue
+        for scalar in scalars_in(value):
+            try:
+                param.check(scalar)
+            except ValueError as err:
+                problems.append(f"{where}.{name}: {err}")
+    return problems
+
+
+def _missing_required(method: MergeMethod, levels: list[Parameters], where: str, *, per_model: bool) -> list[str]:
+    return [
+        f"{where}: {name} is required by {method.name} ({param.describe()}); set it here or in the top-level `parameters`"
+        for name, param in method.params.items()
+        if param.required and param.per_model == per_model and not any(name in level for level in levels)
+    ]
+
+
+def method_problems(recipe: Recipe) -> list[str]:
+    """Every problem of ``recipe`` with respect to its method, each with its key path."""
+    from merge_ops.methods.registry import get_method
+
+    try:
+        method = get_method(recipe.merge_method)
+    except RecipeError as err:
+        return err.problems
+    problems = _check_settings(method, recipe.parameters, "parameters", per_model_only=False)
+    if method.base == "required" and recipe.base_model is None:
+        problems.append(f"base_model: {method.name} needs a base_model; add `base_model: <the model the others were fine-tuned from>`")
+    base = recipe.base_model
+    if recipe.models is not None:
+        groups = [("models", [(m.model, m.parameters) for m in recipe.models], {})]
+    else:
+        groups = [
+            (f"slices[{i}].sources", [(s.model, s.parameters) for s in sl.sources], sl.parameters)
+            for i, sl in enumerate(recipe.slices or [])
+        ]
+    for i, sl in enumerate(recipe.slices or []):
+        problems += _check_settings(method, sl.parameters, f"slices[{i}].parameters", per_model_only=False)
+        problems += _missing_required(method, [sl.parameters, recipe.parameters], f"slices[{i}]", per_model=False)
+    if recipe.models is not None:
+        problems += _missing_required(method, [recipe.parameters], "parameters", per_model=False)
+    for where, members, slice_params in groups:
+        others = [m for m, _ in members if not (method.base != "none" and m == base)]
+        if len(others) < method.min_models or (method.max_models and len(others) > method.max_models):
+            wanted = f"exactly {method.max_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
+            problems.append(f"{where}: {method.name} merges {wanted} model(s) besides the base, got {len(others)}")
+        for j, (model, params) in enumerate(members):
+            problems += _check_settings(method, params, f"{where}[{j}].parameters", per_model_only=True)
+            if not (method.base != "none" and model == base):
+                problems += _missing_required(method, [params, slice_params, recipe.parameters], f"{where}[{j}] ({model})", per_model=True)
+    return problems

@@ -1,0 +1,152 @@
+"""Lazy reading of (sharded) safetensors models and a streaming safetensors writer.
+
+Reading opens a file with ``safe_open`` per tensor, so nothing but the tensors in use stays
+mapped. Writing streams: the header is computed up front from names, dtypes and shapes, and
+each tensor's bytes go to disk as soon as it is computed, so peak memory is one tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, read from a safetensors header."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a model folder, from its index when it is sharded."""
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
+    """Name -> TensorInfo for every tensor of a model folder, reading headers only."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in weight_files(model_dir):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
+    return tensors
+
+
+def load_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor, read from its file (the mapping is released right after)."""
+    with safe_open(file, framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class StreamingSafetensorsWriter:
+    """Write a safetensors file tensor by tensor, in the order of ``specs``, atomically.
+
+    The file is written as ``<path>.partial`` and renamed when ``close`` finds every tensor
+    written; on error the partial file is removed. ``close`` returns the file's sha256.
+
+    Example:
+        with StreamingSafetensorsWriter(path, [("w", "F32", (2, 2))]) as writer:
+            writer.write("w", torch.zeros(2, 2))
+    """
+
+    def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        self._expected: list[tuple[str, str, tuple[int, ...]]] = []
+        for name, dtype, shape in specs:
+            size = TensorInfo(self.path, dtype, tuple(shape)).nbytes
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self._expected.append((name, dtype, tuple(shape)))
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._position = 0
+        self._hash = hashlib.sha256()
+        self._file = open(self.partial, "wb")
+        self._emit(len(encoded).to_bytes(8, "little") + encoded)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must match the next spec's name, dtype and shape."""
+        if self._position >= len(self._expected):
+            raise ValueError(f"unexpected tensor {name!r}: all {len(self._expected)} tensors are already written")
+        want = self._expected[self._position]
+        got = (name, DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
+        if got != want:
+            raise ValueError(f"tensor {self._position} should be {want}, got {got}")
+        self._emit(_tensor_bytes(tensor.cpu()))
+        self._position += 1
+
+    def close(self) -> str:
+        """Finish the file (fsync + rename) and return its sha256."""
+        if self._position != len(self._expected):
+            missing = [n for n, _, _ in self._expected[self._position :]]
+            self.abort()
+            raise ValueError(f"{self.path.name}: {len(missing)} tensor(s) never written, first {missing[0]!r}")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.path)
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is None:
+            self.sha256 = self.close()
+        else:
+            self.abort()

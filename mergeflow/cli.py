@@ -1,0 +1,161 @@
+"""The ``mergeflow`` command line."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Callable, TypeVar
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from merge_ops.engine import check_device, merge_model
+from merge_ops.errors import MergeflowError
+from merge_ops.methods.registry import METHODS
+from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from merge_ops.recipe import load_recipe
+from mergeflow import settings
+
+app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+ShardSize = Annotated[str, typer.Option("--shard-size", help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
+ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16 or float16.")]
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5000000000."""
+    number = text.strip().upper().rstrip("S")
+    unit = next((u for u in sorted(UNITS, key=len, reverse=True) if u and number.endswith(u)), "")
+    try:
+        return int(float(number[: len(number) - len(unit)]) * UNITS[unit])
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if nbytes < 1000 or unit == "TB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1000
+    return ""
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn mergeflow errors into one red message and exit code 1 (tracebacks with MERGEFLOW_DEBUG=1)."""
+
+    def run(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except MergeflowError as err:
+            if settings.DEBUG:
+                raise
+            console.print(f"[red]error:[/red] {err}", highlight=False)
+            raise typer.Exit(1) from None
+
+    run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
+    return run  # type: ignore[return-value]
+
+
+def _plan(recipe_path: Path, shard_size: str, compute_dtype: str) -> MergePlan:
+    recipe = load_recipe(recipe_path)
+    return plan_merge(
+        recipe,
+        recipe_text=recipe_path.read_text(),
+        shard_size=parse_size(shard_size),
+        compute_dtype=compute_dtype,
+        base_dir=recipe_path.parent,
+    )
+
+
+def peak_memory_estimate(plan: MergePlan) -> int:
+    """Bytes held at the worst tensor: its inputs twice (one prefetched), compute copies, result."""
+    job = plan.largest_tensor_job
+    numel = job.nbytes // torch.empty((), dtype=getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(job.dtype, "float32"))).element_size()
+    compute = numel * torch.empty((), dtype=getattr(torch, plan.compute_dtype)).element_size()
+    copies = len(job.inputs) * 2 + 2
+    return 2 * job.input_nbytes + copies * compute + job.nbytes
+
+
+@app.command()
+@friendly_errors
+def plan(recipe: Path, shard_size: ShardSize = "5GB", compute_dtype: ComputeDtype = "float32") -> None:
+    """Show what a recipe will do: shards, tensor count, bytes to read and write, expected peak memory."""
+    merge_plan = _plan(recipe, shard_size, compute_dtype)
+    table = Table(title=f"{merge_plan.method} merge of {len(merge_plan.sources)} model(s), {merge_plan.num_layers} layers")
+    for column in ("shard", "tensors", "bytes"):
+        table.add_column(column, justify="right" if column != "shard" else "left")
+    for shard in merge_plan.shards:
+        table.add_row(shard.file, str(len(shard.tensors)), human(shard.nbytes))
+    Console().print(table)
+    Console().print(
+        f"tensors: {merge_plan.tensor_count}   read: {human(merge_plan.input_bytes)}   write: {human(merge_plan.total_size)}   "
+        f"expected peak memory: ~{human(peak_memory_estimate(merge_plan))} above the interpreter"
+    )
+
+
+@app.command()
+@friendly_errors
+def merge(
+    recipe: Path,
+    out: Path,
+    shard_size: ShardSize = "5GB",
+    threads: Annotated[int, typer.Option(help="Torch threads for the arithmetic (0: torch's default).")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    compute_dtype: ComputeDtype = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Merge the models of RECIPE into the folder OUT (written atomically)."""
+    if threads:
+        torch.set_num_threads(threads)
+    check_device(device)
+    merge_plan = _plan(recipe, shard_size, compute_dtype)
+    started = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"merging ({merge_plan.method})", total=merge_plan.total_size, tensors="")
+        done = [0]
+
+        def advance(job: object) -> None:
+            done[0] += 1
+            bar.update(task, advance=job.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")  # type: ignore[attr-defined]
+
+        hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance)
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    summary = Table(title=f"merged into {out}")
+    summary.add_column("shard")
+    summary.add_column("sha256")
+    for file, digest in hashes.items():
+        summary.add_row(file, digest)
+    Console().print(summary)
+    Console().print(
+        f"{merge_plan.tensor_count} tensors, {human(merge_plan.total_size)} written in {elapsed:.1f} s "
+        f"({human(merge_plan.total_size / max(elapsed, 1e-9))}/s), peak RSS {human(peak)}"
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    table = Table(title="merge methods")
+    for column in ("method", "base model", "parameters", "what it does"):
+        table.add_column(column)
+    for m in METHODS.values():
+        params = "\n".join(f"{name}: {p.describe()}" for name, p in m.params.items())
+        table.add_row(m.name, m.base, params, m.summary)
+    Console().print(table)
+
+
+def main() -> None:
+    app(prog_name="mergeflow")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The merge engine end to end on tiny Llama families: plans, shards, outputs, determinism, errors."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from transformers import AutoModelForCausalLM
+
+from merge_ops.engine import finalize, merge_model, merge_shard
+from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, OutputExistsError, RecipeError
+from merge_ops.plan import MergePlan, plan_merge
+from merge_ops.recipe import parse_recipe
+from merge_ops.safetensors_io import StreamingSafetensorsWriter
+from tiny_family import CONFIG, base_state, write_model
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def merge(recipe: dict, out: Path, **plan_kwargs: object) -> MergePlan:
+    plan = plan_merge(parse_recipe(recipe), **plan_kwargs)
+    merge_model(plan, out)
+    return plan
+
+
+def ties_recipe(family: dict[str, Path], **extra: object) -> dict:
+    return {
+        "merge_method": "ties",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family[k]), "parameters": {"weight": w, "density": 0.5}} for k, w in (("ft_a", 0.6), ("ft_b", 0.4), ("ft_neg", 0.3))],
+        **extra,
+    }
+
+
+def test_linear_weight_one_returns_source_exactly(family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = {"merge_method": "linear", "models": [{"model": str(family["ft_a"]), "parameters": {"weight": 1.0}}, {"model": str(family["ft_b"]), "parameters": {"weight": 0.0}}]}
+    merge(recipe, tmp_path / "out")
+    merged, source = load_all(tmp_path / "out"), load_all(family["ft_a"])
+    assert merged.keys() == source.keys()
+    assert all(torch.equal(merged[k], source[k]) for k in source)
+
+
+def test_task_arithmetic_matches_hand_formula(family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["ft_a"]), "parameters": {"weight": 0.7}}, {"model": str(family["ft_neg"]), "parameters": {"weight": 0.5}}],
+        "parameters": {"lambda": 0.9},
+    }
+    merge(recipe, tmp_path / "out")
+    base, a, neg = (load_all(family[k]) for k in ("base", "ft_a", "ft_neg"))
+    merged = load_all(tmp_path / "out")
+    for name in base:
+        expected = base[name] + 0.9 * (0.7 * (a[name] - base[name]) + 0.5 * (neg[name] - base[name]))
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+
+
+def test_gradient_and_filter_parameters_reach_each_layer(family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "slerp",
+        "base_model": str(family["base"]),
+        "models": [{"model": str(family["base"])}, {"model": str(family["ft_a"])}],
+        "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 1.0]}, {"value": 0.0}]},
+    }
+    plan = merge(recipe, tmp_path / "out")
+    jobs = {t.name: t for s in plan.shards for t in s.tensors}
+    # 4 layers: t = idx/3 for attention tensors, 0 for everything else
+    assert jobs["model.layers.0.self_attn.q_proj.weight"].params["t"] == 0.0
+    assert jobs["model.layers.1.self_attn.q_proj.weight"].params["t"] == pytest.approx(1 / 3)
+    assert jobs["model.layers.3.self_attn.q_proj.weight"].params["t"] == 1.0
+    assert jobs["model.layers.3.mlp.up_proj.weight"].params["t"] == 0.0
+    merged, base, a = load_all(tmp_path / "out"), load_all(family["base"]), load_all(family["ft_a"])
+    assert torch.equal(merged["model.layers.3.mlp.up_proj.weight"], base["model.layers.3.mlp.up_proj.weight"])
+    torch.testing.assert_close(merged["model.layers.3.self_attn.q_proj.weight"], a["model.layers.3.self_attn.q_proj.weight"], rtol=0, atol=1e-6)
+
+
+def test_passthrough_slices_stack_and_renumber_layers(family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(family["ft_a"]), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(family["ft_b"]), "layer_range": [1, 4]}]},
+        ],
+    }
+    plan = merge(recipe, tmp_path / "out")
+    merged, a, b = load_all(tmp_path / "out"), load_all(family["ft_a"]), load_all(family["ft_b"])
+    assert plan.num_layers == 6
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+    suffix = "mlp.down_proj.weight"
+    for out_layer, (source, layer) in enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]):
+        assert torch.equal(merged[f"model.layers.{out_layer}.{suffix}"], source[f"model.layers.{layer}.{suffix}"])
+    assert torch.equal(merged["model.embed_tokens.weight"], a["model.embed_tokens.weight"])
+    assert torch.equal(merged["lm_head.weight"], b["lm_head.weight"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.num_hidden_layers == 6
+
+
+def test_sharded_bf16_output_loads_and_generates(sharded_bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    plan = merge(ties_recipe(sharded_bf16_family, dtype="bfloat16"), tmp_path / "out", shard_size=20_000)
+    out = tmp_path / "out"
+    assert len(plan.shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.file for s in plan.shards}
+    assert index["metadata"]["total_size"] == sum((out / s.file).stat().st_size - _header_size(out / s.file) for s in plan.shards)
+    assert all(s.nbytes <= 20_000 or len(s.tensors) == 1 for s in plan.shards)
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    assert (out / "generation_config.json").exists() and (out / "tokenizer_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    generated = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+def _header_size(file: Path) -> int:
+    return 8 + int.from_bytes(file.read_bytes()[:8], "little")
+
+
+def test_model_card_has_hub_metadata_and_recipe(family: dict[str, Path], tmp_path: Path) -> None:
+    merge(ties_recipe(family), tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert "library_name: transformers" in meta and "- merge\n" in meta and "- mergeflow\n" in meta
+    assert str(family["ft_neg"]) in meta
+    assert "merge_method: ties" in card
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "ties"])
+def test_reruns_are_byte_identical_whatever_the_shard_order(method: str, sharded_bf16_family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = ties_recipe(sharded_bf16_family, dtype="bfloat16", seed=7)
+    recipe["merge_method"] = method
+    if method == "della":
+        for m in recipe["models"]:
+            m["parameters"]["epsilon"] = 0.1
+    first = merge(recipe, tmp_path / "first", shard_size=20_000)
+    # second run: a fresh plan, shards written in reverse order, then finalized
+    second = plan_merge(parse_recipe(recipe), shard_size=20_000)
+    (tmp_path / "second").mkdir()
+    for i in reversed(range(len(second.shards))):
+        merge_shard(second, i, tmp_path / "second")
+    finalize(second, tmp_path / "second")
+    assert first.model_dump() == second.model_dump()
+    assert file_hashes(tmp_path / "first") == file_hashes(tmp_path / "second")
+
+
+def test_plan_roundtrips_through_json(family: dict[str, Path], tmp_path: Path) -> None:
+    plan = plan_merge(parse_recipe(ties_recipe(family)))
+    restored = MergePlan.model_validate_json(plan.model_dump_json())
+    sha = merge_shard(restored, 0, tmp_path)
+    assert sha == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_random_methods_depend_on_seed(family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = ties_recipe(family, merge_method="dare_ties")
+    a = merge(recipe, tmp_path / "a")
+    b = merge({**recipe, "seed": 1}, tmp_path / "b")
+    assert a.shards[0].tensors[0].seed != b.shards[0].tensors[0].seed
+    assert file_hashes(tmp_path / "a")["model.safetensors"] != file_hashes(tmp_path / "b")["model.safetensors"]
+
+
+def test_mixed_input_dtypes_are_merged_in_float32(family: dict[str, Path], tmp_path: Path) -> None:
+    state = {k: v.to(torch.bfloat16) for k, v in load_all(family["ft_a"]).items()}
+    bf16_copy = write_model(tmp_path / "ft_a_bf16", state)
+    recipe = {"merge_method": "linear", "models": [{"model": str(bf16_copy), "parameters": {"weight": 1.0}}, {"model": str(family["ft_b"]), "parameters": {"weight": 1.0}}], "out_dtype": "float32"}
+    merge(recipe, tmp_path / "out")
+    merged, b = load_all(tmp_path / "out"), load_all(family["ft_b"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert merged[name].dtype == torch.float32
+    torch.testing.assert_close(merged[name], (state[name].float() + b[name]) / 2, rtol=0, atol=1e-6)
+
+
+def test_existing_output_is_kept_and_no_partial_model_is_left(family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--force"):
+        merge(ties_recipe(family), out)
+    assert (out / "keep.txt").read_text() == "mine"
+    bad = ties_recipe(family)
+    bad["models"][0]["parameters"]["density"] = 0.0001  # keeps no element of small tensors
+    with pytest.raises(ValueError, match="raise density"):
+        merge(bad, tmp_path / "never")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_missing_model_and_incompatible_shapes_are_clear_errors(family: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="not a local model folder"):
+        plan_merge(parse_recipe({**ties_recipe(family), "base_model": str(tmp_path / "nowhere")}))
+    wider = dict(CONFIG, intermediate_size=48)
+    other = write_model(tmp_path / "wider", base_state(config=wider), config=wider)
+    recipe = ties_recipe(family)
+    recipe["models"][1]["model"] = str(other)
+    with pytest.raises(IncompatibleModelsError) as err:
+        plan_merge(parse_recipe(recipe))
+    assert "mlp.up_proj.weight: shapes differ" in str(err.value)
+    assert len(err.value.mismatches) == 3 * CONFIG["num_hidden_layers"]  # up, gate, down in every layer
+
+
+def test_filters_without_fallback_are_reported(family: dict[str, Path]) -> None:
+    recipe = ties_recipe(family)
+    recipe["models"][0]["parameters"]["weight"] = [{"filter": "self_attn", "value": 1.0}]
+    with pytest.raises(RecipeError, match="no value of weight applies"):
+        plan_merge(parse_recipe(recipe))
+
+
+def test_streaming_writer_matches_reference_bytes(tmp_path: Path) -> None:
+    tensors = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "c": torch.zeros(1), "b": torch.ones(3, dtype=torch.bfloat16)}
+    names = ["a.weight", "c", "b"]  # the reference writer's order: by alignment, then name
+    specs = [(n, {torch.float32: "F32", torch.bfloat16: "BF16"}[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
+    with StreamingSafetensorsWriter(tmp_path / "x.safetensors", specs) as writer:
+        for n in names:
+            writer.write(n, tensors[n])
+    assert (tmp_path / "x.safetensors").read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert writer.sha256 == hashlib.sha256(save(tensors, metadata={"format": "pt"})).hexdigest()
+    with safe_open(tmp_path / "x.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+
+
+def test_streaming_writer_refuses_wrong_tensors_and_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "x.safetensors"
+    with pytest.raises(ValueError, match="should be"):
+        with StreamingSafetensorsWriter(target, [("w", "F32", (2,))]) as writer:
+            writer.write("w", torch.zeros(3))
+    assert list(tmp_path.iterdir()) == []
