@@ -1,9 +1,11 @@
 """Running a plan: merge one shard, finalize the folder, or merge a whole model atomically."""
 from __future__ import annotations
 
+import math
 import shutil
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +17,27 @@ from merge_ops.model_folder import write_model_files
 from merge_ops.plan import MergePlan, TensorJob, TensorSource, torch_dtype
 from merge_ops.safetensors_io import StreamingSafetensorsWriter, load_tensor
 
-Progress = Callable[[TensorJob], None]
+BLOCK_ELEMENTS = 1 << 23
+"""Elementwise methods merge tensors larger than this in row blocks of about this many elements."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A unit of work: a whole output tensor, or a block of its rows."""
+
+    job: TensorJob
+    rows: tuple[int, int] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.job.nbytes if self.rows is None else self.job.nbytes // self.job.shape[0] * (self.rows[1] - self.rows[0])
+
+    @property
+    def completes_tensor(self) -> bool:
+        return self.rows is None or self.rows[1] == self.job.shape[0]
+
+
+Progress = Callable[[Piece], None]
 
 
 def check_device(device: str) -> torch.device:
@@ -26,12 +48,27 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
-def _read(source: TensorSource) -> torch.Tensor:
-    return load_tensor(Path(source.file), source.name)
+def split_into_pieces(plan: MergePlan, index: int) -> list[Piece]:
+    """The shard's tensors in order; large tensors of elementwise methods as row blocks."""
+    elementwise = get_method(plan.method).elementwise
+    pieces = []
+    for job in plan.shards[index].tensors:
+        numel = math.prod(job.shape)
+        if not (elementwise and job.shape and numel > BLOCK_ELEMENTS):
+            pieces.append(Piece(job))
+            continue
+        step = max(1, BLOCK_ELEMENTS // (numel // job.shape[0]))
+        pieces += [Piece(job, (r, min(r + step, job.shape[0]))) for r in range(0, job.shape[0], step)]
+    return pieces
 
 
-def _read_inputs(job: TensorJob) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    return [_read(s) for s in job.inputs], _read(job.base) if job.base else None
+def _read(source: TensorSource, rows: tuple[int, int] | None) -> torch.Tensor:
+    return load_tensor(Path(source.file), source.name, rows)
+
+
+def _read_inputs(piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    job = piece.job
+    return [_read(s, piece.rows) for s in job.inputs], _read(job.base, piece.rows) if job.base else None
 
 
 def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -59,26 +96,27 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
 def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cpu", progress: Progress | None = None) -> str:
     """Write shard ``index`` of ``plan`` into ``out_dir`` atomically and return its sha256.
 
-    Reading the next tensor's inputs and writing the previous result overlap the arithmetic.
+    Reading the next piece's inputs and writing the previous result overlap the arithmetic.
     """
     dev = check_device(device)
     shard = plan.shards[index]
+    pieces = split_into_pieces(plan, index)
     specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]
     with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer_thread:
         with StreamingSafetensorsWriter(Path(out_dir) / shard.file, specs) as writer:
-            pending_read = reader.submit(_read_inputs, shard.tensors[0])
+            pending_read = reader.submit(_read_inputs, pieces[0])
             pending_write: Future[None] | None = None
-            for i, job in enumerate(shard.tensors):
+            for i, piece in enumerate(pieces):
                 inputs, base = pending_read.result()
-                if i + 1 < len(shard.tensors):
-                    pending_read = reader.submit(_read_inputs, shard.tensors[i + 1])
-                result = merge_tensor(plan, job, inputs, base, dev)
+                if i + 1 < len(pieces):
+                    pending_read = reader.submit(_read_inputs, pieces[i + 1])
+                result = merge_tensor(plan, piece.job, inputs, base, dev)
                 del inputs, base
                 if pending_write:
                     pending_write.result()
-                pending_write = writer_thread.submit(writer.write, job.name, result)
+                pending_write = writer_thread.submit(writer.write, piece.job.name, result)
                 if progress:
-                    pending_write.add_done_callback(lambda _, job=job: progress(job))
+                    pending_write.add_done_callback(lambda _, piece=piece: progress(piece))
             if pending_write:
                 pending_write.result()
     return writer.sha256

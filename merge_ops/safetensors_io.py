@@ -70,10 +70,10 @@ def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def load_tensor(file: Path, name: str) -> torch.Tensor:
-    """One tensor, read from its file (the mapping is released right after)."""
+def load_tensor(file: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """One tensor, or the block of its rows ``[start, end)``; the file mapping is released right after."""
     with safe_open(file, framework="pt") as handle:
-        return handle.get_tensor(name)
+        return handle.get_slice(name)[rows[0] : rows[1]] if rows else handle.get_tensor(name)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -106,6 +106,7 @@ class StreamingSafetensorsWriter:
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)
         self._position = 0
+        self._rows_done = 0
         self._hash = hashlib.sha256()
         self._file = open(self.partial, "wb")
         self._emit(len(encoded).to_bytes(8, "little") + encoded)
@@ -115,15 +116,25 @@ class StreamingSafetensorsWriter:
         self._hash.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; it must match the next spec's name, dtype and shape."""
+        """Append the next tensor, or the next block of its rows (blocks must add up to the tensor).
+
+        The tensor must match the next spec's name and dtype, and its shape (or trailing shape, for a block).
+        """
         if self._position >= len(self._expected):
             raise ValueError(f"unexpected tensor {name!r}: all {len(self._expected)} tensors are already written")
-        want = self._expected[self._position]
-        got = (name, DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
-        if got != want:
-            raise ValueError(f"tensor {self._position} should be {want}, got {got}")
+        want_name, want_dtype, want_shape = self._expected[self._position]
+        dtype = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+        rows_left = (want_shape[0] if want_shape else 1) - self._rows_done
+        block = tuple(tensor.shape) == want_shape or (
+            len(want_shape) > 0 and tuple(tensor.shape[1:]) == want_shape[1:] and tensor.dim() == len(want_shape)
+        )
+        if name != want_name or dtype != want_dtype or not block or (want_shape and tensor.shape[0] > rows_left):
+            raise ValueError(f"tensor {self._position} should be {(want_name, want_dtype, want_shape)}, got {(name, dtype, tuple(tensor.shape))}")
         self._emit(_tensor_bytes(tensor.cpu()))
-        self._position += 1
+        self._rows_done += tensor.shape[0] if want_shape else 1
+        if self._rows_done == (want_shape[0] if want_shape else 1):
+            self._position += 1
+            self._rows_done = 0
 
     def close(self) -> str:
         """Finish the file (fsync + rename) and return its sha256."""

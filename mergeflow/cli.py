@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from merge_ops.engine import check_device, merge_model
+from merge_ops.engine import Piece, check_device, merge_model
 from merge_ops.errors import MergeflowError
 from merge_ops.methods.registry import METHODS
 from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
@@ -122,9 +122,9 @@ def merge(
         task = bar.add_task(f"merging ({merge_plan.method})", total=merge_plan.total_size, tensors="")
         done = [0]
 
-        def advance(job: object) -> None:
-            done[0] += 1
-            bar.update(task, advance=job.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")  # type: ignore[attr-defined]
+        def advance(piece: Piece) -> None:
+            done[0] += piece.completes_tensor
+            bar.update(task, advance=piece.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")
 
         hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance)
     elapsed = time.perf_counter() - started

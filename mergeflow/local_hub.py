@@ -9,7 +9,8 @@ It implements what `create_repo`, `upload_folder`/`upload_file`/`create_commit`,
 stored as a regular git blob: preupload answers `uploadMode: "regular"`, so clients send content base64-encoded
 in the commit and never use LFS or Xet (even with hf_xet installed). Only the `main` branch exists; revisions
 are `main` or a full 40-hex commit id. Model and dataset repos are supported; repo ids need a namespace
-(`namespace/name`), as there are no user accounts.
+(`namespace/name`), as there are no user accounts. Visibility is recorded, not enforced; an optional server token
+guards every request. Run it in the foreground with `python -m mergeflow.local_hub ROOT --port N`.
 
 Layout under `root`: `blobs/<sha256>` (content-addressed) and `repos/<type>s/<repo_id>/repo.json` (commits and
 branches), so a server restarted on the same root serves the same repos.
@@ -109,7 +110,7 @@ class _Store:
     def _save(self, repo: dict[str, Any]) -> None:
         path = self._repo_file(repo["type"], repo["id"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+        tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps(repo, indent=1))
         os.replace(tmp, path)
 
@@ -154,7 +155,7 @@ class _Store:
         sha256 = hashlib.sha256(data).hexdigest()
         path = self.root / "blobs" / sha256
         if not path.is_file():
-            tmp = path.with_suffix(f".tmp{threading.get_ident()}")
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
             tmp.write_bytes(data)
             os.replace(tmp, path)
         return {"oid": _git_oid(data), "sha256": sha256, "size": len(data)}
@@ -330,7 +331,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo_url(self, repo_type: str, repo_id: str) -> str:
         return f"{self.server.endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
 
-
     # -- routes ------------------------------------------------------------------------------------
 
     def _route(self, method: str, seg: list[str]) -> None:
@@ -439,7 +439,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HttpError(400, f"Commit body is not NDJSON: {error}") from error
         if not lines or lines[0].get("key") != "header":
             raise _HttpError(400, "Commit body must start with a 'header' line.")
-        sha = self.store.commit(repo, revision, lines[0]["value"], lines[1:])
+        try:
+            sha = self.store.commit(repo, revision, lines[0]["value"], lines[1:])
+        except (KeyError, TypeError, ValueError) as error:  # malformed lines; ValueError covers bad base64
+            raise _HttpError(400, f"Malformed commit operation: {error!r}") from error
         url = f"{self._repo_url(repo['type'], repo['id'])}/commit/{sha}"
         self._send_json(200, {"success": True, "commitOid": sha, "commitUrl": url, "pullRequestUrl": None})
 

@@ -235,3 +235,23 @@ def test_streaming_writer_refuses_wrong_tensors_and_leaves_nothing(tmp_path: Pat
         with StreamingSafetensorsWriter(target, [("w", "F32", (2,))]) as writer:
             writer.write("w", torch.zeros(3))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_row_blocks_give_the_same_bytes_as_whole_tensors(method: str, family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import merge_ops.engine as engine
+
+    recipe = ties_recipe(family, merge_method=method)
+    plan = plan_merge(parse_recipe(recipe))
+    assert engine.split_into_pieces(plan, 0) == [engine.Piece(t) for t in plan.shards[0].tensors]
+    (tmp_path / "whole").mkdir()
+    whole = merge_shard(plan, 0, tmp_path / "whole")
+    monkeypatch.setattr(engine, "BLOCK_ELEMENTS", 100)
+    pieces = engine.split_into_pieces(plan, 0)
+    assert len(pieces) > plan.tensor_count and any(p.rows and p.rows[1] - p.rows[0] < p.job.shape[0] for p in pieces)
+    seen: list[engine.Piece] = []
+    (tmp_path / "blocks").mkdir()
+    blocks = merge_shard(plan, 0, tmp_path / "blocks", progress=seen.append)
+    assert blocks == whole
+    assert sum(p.nbytes for p in seen) == plan.total_size
+    assert sum(p.completes_tensor for p in seen) == plan.tensor_count

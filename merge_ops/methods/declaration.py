@@ -81,6 +81,7 @@ class MergeMethod:
     random: bool
     min_models: int
     max_models: int | None
+    elementwise: bool
     summary: str
 
     def __call__(self, tensors: Any, base: Any, **kwargs: Any) -> Any:
@@ -88,7 +89,7 @@ class MergeMethod:
 
 
 def merge_method(
-    name: str, *, base: BaseUse, min_models: int = 1, max_models: int | None = None
+    name: str, *, base: BaseUse, min_models: int = 1, max_models: int | None = None, elementwise: bool = False
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Turn a plain function into a MergeMethod, reading its parameters from the signature.
 
@@ -96,6 +97,8 @@ def merge_method(
         name: the recipe's ``merge_method`` value.
         base: whether the method needs ``base_model`` ("required"), can use it, or ignores it.
         min_models, max_models: how many non-base inputs each tensor may have.
+        elementwise: each output element depends only on the same element of each input, so the
+            engine may merge a large tensor in row blocks (bit-identical, less memory).
     """
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
@@ -111,6 +114,6 @@ def merge_method(
             params[recipe_name] = MethodParam(recipe_name, p.name, value_type, p.default, per_model)
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
         random = "generator" in inspect.signature(fn).parameters
-        return MergeMethod(name, fn, base, params, random, min_models, max_models, summary)
+        return MergeMethod(name, fn, base, params, random, min_models, max_models, elementwise, summary)
 
     return wrap

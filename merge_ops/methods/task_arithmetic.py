@@ -51,7 +51,7 @@ def combine_task_vectors(
     return base + mixed * lambda_
 
 
-@merge_method("task_arithmetic", base="required")
+@merge_method("task_arithmetic", base="required", elementwise=True)
 def task_arithmetic(
     tensors: list[Tensor],
     base: Tensor,
