@@ -131,6 +131,18 @@ def run_tool(cmd: list[str], log_file: Path, env: dict[str, str]) -> Run:
     return Run(proc.returncode == 0, seconds, log)
 
 
+def add_architectures(folder: Path) -> None:
+    """Record the model class in config.json, as ``from_pretrained`` checkpoints do.
+
+    tiny_family writes the config of a bare LlamaConfig, which has no ``architectures``; mergekit
+    needs that key to pick its architecture description (mergeflow does not).
+    """
+    cfg_file = folder / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.setdefault("architectures", ["LlamaForCausalLM"])
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 def load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
@@ -146,17 +158,16 @@ def load_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
 # --------------------------------------------------------------------------- comparing
 
 
-def ulp_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Distance in units in the last place between two float32 or bfloat16 tensors of one dtype."""
-    int_type = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[x.dtype]
-    bits = torch.iinfo(int_type).bits
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
-    def ordered(t: torch.Tensor) -> torch.Tensor:
-        i = t.contiguous().view(int_type).to(torch.int64)
-        # map sign-magnitude to a monotone integer line
-        return torch.where(i < 0, -(i & ((1 << (bits - 1)) - 1)), i)
 
-    return (ordered(x) - ordered(y)).abs()
+def ulp_error(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """|x - y| in units in the last place of the larger magnitude, for one float dtype."""
+    tiny = torch.finfo(x.dtype).tiny
+    magnitude = torch.maximum(x.abs(), y.abs()).double().clamp(min=tiny)
+    _, exponent = torch.frexp(magnitude)  # magnitude = m * 2**exponent, m in [0.5, 1)
+    ulp = torch.pow(2.0, (exponent - 1 - MANTISSA_BITS[x.dtype]).double())
+    return (x.double() - y.double()).abs() / ulp
 
 
 @dataclass
@@ -170,7 +181,7 @@ class Result:
     total: int = 0
     max_abs: float = 0.0
     mean_abs: float = 0.0
-    max_ulp: int = 0
+    max_ulp: float = 0.0
     dtype_note: str = ""
     stats: dict = field(default_factory=dict)
     worst: list = field(default_factory=list)
@@ -222,8 +233,8 @@ def compare(method: str, case: str, mk_dir: Path, mf_dir: Path, base: dict[str, 
         res.total += x.numel()
         res.max_abs = max(res.max_abs, float(diff.max()) if diff.numel() else 0.0)
         res.mean_abs += float(diff.sum())
-        if x.dtype == y.dtype and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel():
-            res.max_ulp = max(res.max_ulp, int(ulp_distance(x, y).max()))
+        if x.dtype == y.dtype and x.dtype in MANTISSA_BITS and x.numel():
+            res.max_ulp = max(res.max_ulp, float(ulp_error(x, y).max()))
         if eq != x.numel():
             per_tensor.append((float(diff.max()), name, f"{x.numel() - eq}/{x.numel()} differ"))
     res.mean_abs /= max(res.total, 1)
@@ -242,7 +253,7 @@ def compare(method: str, case: str, mk_dir: Path, mf_dir: Path, base: dict[str, 
     elif res.exact == res.total and res.total:
         res.verdict = "bit-identical"
     else:
-        res.verdict = f"DIFFERS ({res.total - res.exact} elems, max {res.max_ulp} ulp)"
+        res.verdict = f"DIFFERS ({res.total - res.exact} elems, max {res.max_ulp:.3g} ulp)"
     if res.names != "same" or res.config != "same" or res.dtype_note:
         res.verdict += " + METADATA MISMATCH"
     return res
@@ -253,7 +264,7 @@ def compare(method: str, case: str, mk_dir: Path, mf_dir: Path, base: dict[str, 
 
 def markdown(results: list[Result]) -> str:
     lines = [
-        "| method | case | exact / total | max abs diff | mean abs diff | max ulp | names | config | verdict |",
+        "| method | case | exact / total | max abs diff | mean abs diff | max ulp (of the larger value) | names | config | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -261,7 +272,8 @@ def markdown(results: list[Result]) -> str:
             lines.append(f"| {r.method} | {r.case} | - | - | - | - | - | - | ERROR: {r.error} |")
             continue
         lines.append(
-            f"| {r.method} | {r.case} | {r.exact}/{r.total} | {r.max_abs:.3g} | {r.mean_abs:.3g} | {r.max_ulp} "
+            f"| {r.method} | {r.case} | {r.exact}/{r.total} | {r.max_abs:.3g} | {r.mean_abs:.3g} "
+            f"| {'n/a (random)' if r.stats else f'{r.max_ulp:.3g}'} "
             f"| {r.names} | {r.config} | {r.verdict} |"
         )
     stats = [r for r in results if r.stats]
@@ -280,6 +292,20 @@ def markdown(results: list[Result]) -> str:
                 f"| {s['std']:.4e} / {t['std']:.4e} | {s['mean_abs']:.4e} / {t['mean_abs']:.4e} | {r.verdict} |"
             )
     return "\n".join(lines)
+
+
+def versions(mergekit_bin: str, mergeflow_bin: str) -> str:
+    """Installed versions, asked of the python next to each CLI (its virtual environment)."""
+    parts = []
+    for tool, packages in ((mergekit_bin, ("mergekit", "torch")), (mergeflow_bin, ("mergeflow", "torch"))):
+        python = Path(tool).parent / "python"
+        code = "import importlib.metadata as m; print(' '.join(p + ' ' + m.version(p) for p in %r))" % (packages,)
+        try:
+            out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        parts.append(f"{tool}: {out or 'version unknown'}")
+    return "Versions: " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- main
@@ -317,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         if root.exists():
             shutil.rmtree(root)
         families[label] = {k: str(v) for k, v in build_family(root, dtype=dt, shards=args.shards).items()}
+        for folder in families[label].values():
+            add_architectures(Path(folder))
     base_tensors = {
         label: {k: v for f in sorted(Path(fam["base"]).glob("*.safetensors")) for k, v in load_file(f).items()}
         for label, fam in families.items()
@@ -362,13 +390,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             if not (mk_run.ok and mf_run.ok):
                 failed = [n for n, r in (("mergekit", mk_run), ("mergeflow", mf_run)) if not r.ok]
-                last = (mk_run if not mk_run.ok else mf_run).log.strip().splitlines()
-                res = Result(method, case, error=f"{'+'.join(failed)} failed: {last[-2] if len(last) > 1 else last}")
+                lines = [ln for ln in (mk_run if not mk_run.ok else mf_run).log.splitlines() if ln.strip()]
+                lines = [ln for ln in lines if not ln.startswith("--- ")]
+                res = Result(method, case, error=f"{'+'.join(failed)} failed: {lines[-1][:200] if lines else '?'}")
             else:
                 res = compare(method, case, mk_out, mf_out, base_tensors[family])
             results.append(res)
             print(f"{method:18s} {case:13s} {res.error or res.verdict}", file=sys.stderr, flush=True)
 
+    print(versions(args.mergekit_bin, args.mergeflow_bin) + "\n")
     print(markdown(results))
     if args.details:
         for r in results:

@@ -17,7 +17,7 @@ from merge_ops.model_folder import write_model_files
 from merge_ops.plan import MergePlan, TensorJob, TensorSource, torch_dtype
 from merge_ops.safetensors_io import StreamingSafetensorsWriter, load_tensor
 
-BLOCK_ELEMENTS = 1 << 23
+BLOCK_ELEMENTS = 1 << 20
 """Elementwise methods merge tensors larger than this in row blocks of about this many elements."""
 
 

@@ -157,6 +157,13 @@ def _location(loc: tuple[Any, ...]) -> str:
     return path or "(top level)"
 
 
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    containers: dict[str, type[BaseModel]] = {"models": InputModel, "slices": Slice, "sources": SliceSource, "tokenizer": TokenizerConfig}
+    parents = [part for part in loc[:-1] if isinstance(part, str) and part in containers]
+    model = containers[parents[-1]] if parents else Recipe
+    return list(model.model_fields)
+
+
 def validation_problems(err: ValidationError) -> list[str]:
     """One readable line per pydantic error: key path, bad value, what is allowed."""
     seen: dict[str, str] = {}
@@ -164,7 +171,7 @@ def validation_problems(err: ValidationError) -> list[str]:
         where = _location(e["loc"])
         message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling"
+            message = f"unknown key; allowed keys here: {', '.join(_allowed_keys(e['loc']))}"
         shown = repr(e["input"])
         plain = e["type"] in ("missing", "extra_forbidden") or len(shown) > 60
         text = f"{where}: {message}" if plain else f"{where}: {shown} -> {message}"
@@ -181,7 +188,13 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(validation_problems(err), source=source) from None
+        problems = validation_problems(err)
+        bad_keys = {e["loc"][0] for e in err.errors() if e["loc"]}
+        try:  # without the broken top-level keys, the rest can still be checked against the method
+            problems += method_problems(Recipe.model_validate({k: v for k, v in data.items() if k not in bad_keys}))
+        except ValidationError:
+            pass
+        raise RecipeError(problems, source=source) from None
     problems = method_problems(recipe)
     if problems:
         raise RecipeError(problems, source=source)

@@ -3,19 +3,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from merge_ops.methods import sparsify
+from merge_ops.methods.sparsify import WholeTensor, magnitude_outliers
 from merge_ops.methods.declaration import Fraction, PerModel, merge_method
 from merge_ops.methods.task_arithmetic import combine_task_vectors
-
-
-def _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus) -> Tensor:  # noqa: ANN001
-    def trim(i: int, delta: Tensor) -> Tensor:
-        kept = sparsify.magnitude_outliers(delta, density[i], gamma[i])
-        return sparsify.rescale_l1(delta, kept) if rescale else kept
-
-    return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus, sparsify=trim
-    )
 
 
 @merge_method("breadcrumbs", base="required")
@@ -31,7 +21,10 @@ def breadcrumbs(
     rescale: bool = False,
 ) -> Tensor:
     """Task arithmetic over task vectors without their smallest entries and top-``gamma`` outliers."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus=False)
+    trims = [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma)]
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=trims, rescale=rescale
+    )
 
 
 @merge_method("breadcrumbs_ties", base="required")
@@ -48,4 +41,7 @@ def breadcrumbs_ties(
     int8_mask: bool = False,
 ) -> Tensor:
     """Breadcrumbs trimming followed by TIES sign election."""
-    return _breadcrumbs(tensors, base, weight, density, gamma, lambda_, normalize, rescale, consensus=True)
+    trims = [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma)]
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=trims, rescale=rescale
+    )

@@ -4,19 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_ops.methods import sparsify
 from merge_ops.methods.declaration import Fraction, PerModel, merge_method
-from merge_ops.methods.task_arithmetic import combine_task_vectors
-
-
-def _dare(tensors, base, generator, weight, density, lambda_, normalize, rescale, consensus) -> Tensor:  # noqa: ANN001
-    def drop(i: int, delta: Tensor) -> Tensor:
-        kept = sparsify.random(delta, density[i], generator)
-        return sparsify.rescale_l1(delta, kept) if rescale else kept
-
-    return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus, sparsify=drop
-    )
+from merge_ops.methods.sparsify import RandomDrop
+from merge_ops.methods.task_arithmetic import combine_task_vectors, model_seeds
 
 
 @merge_method("dare_ties", base="required")
@@ -33,7 +23,10 @@ def dare_ties(
     int8_mask: bool = False,
 ) -> Tensor:
     """Randomly drop task-vector entries, rescale to the original L1 norm, merge with TIES sign election."""
-    return _dare(tensors, base, generator, weight, density, lambda_, normalize, rescale, consensus=True)
+    drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=drops, rescale=rescale
+    )
 
 
 @merge_method("dare_linear", base="required")
@@ -50,4 +43,7 @@ def dare_linear(
     int8_mask: bool = False,
 ) -> Tensor:
     """Randomly drop task-vector entries, rescale to the original L1 norm, add them up linearly."""
-    return _dare(tensors, base, generator, weight, density, lambda_, normalize, rescale, consensus=False)
+    drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=drops, rescale=rescale
+    )

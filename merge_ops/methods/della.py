@@ -4,19 +4,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_ops.methods import sparsify
+from merge_ops.methods.sparsify import WholeTensor, della_magprune
 from merge_ops.methods.declaration import Fraction, PerModel, merge_method
-from merge_ops.methods.task_arithmetic import combine_task_vectors
-
-
-def _della(tensors, base, generator, weight, density, epsilon, lambda_, normalize, rescale, consensus) -> Tensor:  # noqa: ANN001
-    def prune(i: int, delta: Tensor) -> Tensor:
-        kept = sparsify.della_magprune(delta, density[i], epsilon[i], generator)
-        return sparsify.rescale_l1(delta, kept) if rescale else kept
-
-    return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus, sparsify=prune
-    )
+from merge_ops.methods.task_arithmetic import combine_task_vectors, model_seeds
 
 
 @merge_method("della", base="required")
@@ -34,7 +24,11 @@ def della(
     int8_mask: bool = False,
 ) -> Tensor:
     """DELLA pruning, L1 rescale and TIES sign election."""
-    return _della(tensors, base, generator, weight, density, epsilon, lambda_, normalize, rescale, consensus=True)
+    seeds = model_seeds(generator, len(tensors))
+    prunes = [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds)]
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=prunes, rescale=rescale
+    )
 
 
 @merge_method("della_linear", base="required")
@@ -51,4 +45,8 @@ def della_linear(
     rescale: bool = True,
 ) -> Tensor:
     """DELLA pruning and L1 rescale, task vectors added linearly."""
-    return _della(tensors, base, generator, weight, density, epsilon, lambda_, normalize, rescale, consensus=False)
+    seeds = model_seeds(generator, len(tensors))
+    prunes = [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds)]
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=prunes, rescale=rescale
+    )

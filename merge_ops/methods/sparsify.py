@@ -1,82 +1,143 @@
-"""Sparsifiers for task vectors: each keeps part of a delta and zeroes the rest.
+"""Sparsifiers for task vectors: each decides, block by block, which delta entries to keep.
 
-Random sparsifiers draw their masks on the CPU from the given generator, so a tensor's mask is
-the same on every device, worker and process.
+A sparsifier first ``prepare``s on the whole delta (given as a re-iterable of flat blocks), then
+hands out the ``mask`` of each consecutive block; ``reset`` rewinds it to the first block.
+Random sparsifiers draw masks on the CPU from their own seeded generator, so a mask is the
+same on every device, worker and process.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from merge_ops.methods.blocks import Blocks, kth_largest
 
-def magnitude(delta: Tensor, density: float) -> Tensor:
+
+class Magnitude:
     """Keep exactly the ``int(density * numel)`` largest-magnitude entries (TIES trim).
 
     Ties at the threshold go to the lower flat index, as a stable descending sort would.
     """
-    flat = delta.abs().flatten()
-    n = flat.numel()
-    k = int(density * n)
-    if density >= 1 or k >= n:
-        return delta
-    if k <= 0:
-        raise ValueError(f"density {density} keeps no element of a tensor with {n} elements; raise density")
-    threshold = flat.kthvalue(n - k + 1).values
-    keep = flat > threshold
-    missing = k - int(keep.sum())
-    if missing:
-        at_threshold = flat == threshold
-        keep |= at_threshold & (at_threshold.cumsum(0) <= missing)
-    return delta * keep.view_as(delta)
+
+    def __init__(self, density: float) -> None:
+        self.density = density
+        self.keep_all = density >= 1
+
+    def prepare(self, deltas: Blocks, shape: torch.Size) -> None:
+        n = shape.numel()
+        k = int(self.density * n)
+        self.keep_all = self.density >= 1 or k >= n
+        if self.keep_all:
+            return
+        if k <= 0:
+            raise ValueError(f"density {self.density} keeps no element of a tensor with {n} elements; raise density")
+        self.threshold, above = kth_largest(lambda: (d.abs().float() for d in deltas()), k)
+        self.tie_budget = k - above
+        self.reset()
+
+    def reset(self) -> None:
+        self.ties_left = getattr(self, "tie_budget", 0)
+
+    def mask(self, delta: Tensor) -> Tensor | None:
+        if self.keep_all:
+            return None
+        magnitude = delta.abs().float()
+        keep = magnitude > self.threshold
+        if self.ties_left:
+            tied = magnitude == self.threshold
+            keep |= tied & (tied.cumsum(0) <= self.ties_left)
+            self.ties_left = max(0, self.ties_left - int(tied.sum()))
+        return keep
 
 
-def bernoulli_mask(shape: torch.Size, keep_probability: float | Tensor, generator: torch.Generator) -> Tensor:
-    """A CPU boolean mask with each entry kept with the given probability."""
-    return torch.rand(shape, generator=generator) < keep_probability
+class RandomDrop:
+    """Keep each entry with probability ``density`` (DARE)."""
+
+    def __init__(self, density: float, seed: int) -> None:
+        self.density, self.seed = density, seed
+
+    def prepare(self, deltas: Blocks, shape: torch.Size) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def mask(self, delta: Tensor) -> Tensor | None:
+        if self.density >= 1:
+            return None
+        return (torch.rand(delta.shape, generator=self.generator) < self.density).to(delta.device)
 
 
-def random(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """Keep each entry with probability ``density`` (DARE drop)."""
-    if density >= 1:
-        return delta
-    return delta * bernoulli_mask(delta.shape, density, generator).to(delta.device)
+class WholeTensor:
+    """A sparsifier that needs the whole delta at once: ``make_mask(delta) -> bool mask`` (or None)."""
+
+    def __init__(self, make_mask: Callable[[Tensor], Tensor | None]) -> None:
+        self.make_mask = make_mask
+
+    def prepare(self, deltas: Blocks, shape: torch.Size) -> None:
+        whole = self.make_mask(torch.cat(list(deltas())).view(shape))
+        self.whole = None if whole is None else whole.reshape(-1)
+        self.reset()
+
+    def reset(self) -> None:
+        self.offset = 0
+
+    def mask(self, delta: Tensor) -> Tensor | None:
+        if self.whole is None:
+            return None
+        part = self.whole[self.offset : self.offset + delta.numel()]
+        self.offset += delta.numel()
+        return part
 
 
-def magnitude_outliers(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Drop the smallest entries and the top ``gamma`` fraction of outliers (Model Breadcrumbs).
+def magnitude_outliers(density: float, gamma: float) -> Callable[[Tensor], Tensor | None]:
+    """Breadcrumbs: drop the smallest entries and the top ``gamma`` fraction of outliers.
 
     With ``int(gamma * numel) == 0`` it keeps everything up to the largest entry.
     """
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    n_top = int(gamma * n)
-    n_bottom = n - int(density * n) - n_top
-    if n_bottom < 0:
-        n_top, n_bottom = n_top + n_bottom, 0
-    order = delta.abs().flatten().argsort(stable=True)
-    keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    keep[order[n_bottom : n - n_top]] = True
-    return delta * keep.view_as(delta)
+
+    def make_mask(delta: Tensor) -> Tensor | None:
+        if density >= 1:
+            return None
+        n = delta.numel()
+        n_top = int(gamma * n)
+        n_bottom = n - int(density * n) - n_top
+        if n_bottom < 0:
+            n_top, n_bottom = n_top + n_bottom, 0
+        order = delta.abs().flatten().argsort(stable=True)
+        keep = torch.zeros(n, dtype=torch.bool, device=delta.device)
+        keep[order[n_bottom : n - n_top]] = True
+        return keep
+
+    return make_mask
 
 
-def della_magprune(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
-    """Keep entries with a probability that grows with their magnitude rank in their row (DELLA)."""
-    if not (0 < density - epsilon and density + epsilon < 1):
+def della_magprune(density: float, epsilon: float, seed: int) -> Callable[[Tensor], Tensor | None]:
+    """DELLA: keep entries with a probability that grows with their magnitude rank in their row."""
+    if density < 1 and not (0 < density - epsilon and density + epsilon < 1):
         raise ValueError(f"della needs 0 < density - epsilon and density + epsilon < 1, got {density=} {epsilon=}")
-    rows = delta.reshape(1, -1) if delta.dim() == 1 else delta.reshape(delta.shape[0], -1)
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    scaled = ((ranks - low) / (high - low)).clamp(0, 1)
-    probability = (density - epsilon) + 2 * epsilon * scaled
-    mask = bernoulli_mask(rows.shape, probability.cpu(), generator).to(delta.device)
-    return (rows * mask).view_as(delta)
+
+    def make_mask(delta: Tensor) -> Tensor | None:
+        if density >= 1:
+            return None
+        rows = delta.reshape(1, -1) if delta.dim() == 1 else delta.reshape(delta.shape[0], -1)
+        ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).float()
+        low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+        probability = (density - epsilon) + 2 * epsilon * ((ranks - low) / (high - low)).clamp(0, 1)
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.rand(rows.shape, generator=generator) < probability.cpu()).to(delta.device)
+
+    return make_mask
 
 
-def rescale_l1(original: Tensor, kept: Tensor) -> Tensor:
-    """Scale ``kept`` so its L1 norm equals the original's (mergekit's rescale, not 1/density)."""
-    norm_original = original.abs().sum(dtype=torch.float32)
-    norm_kept = kept.abs().sum(dtype=torch.float32)
-    if norm_original < 1e-7 or norm_kept < 1e-7:
-        return kept
-    return kept * (norm_original / norm_kept).to(kept.dtype)
+def sparsified(sparsifier: "Magnitude | RandomDrop | WholeTensor", delta: Tensor) -> Tensor:
+    """``delta`` with the entries the sparsifier drops set to zero (the whole tensor at once)."""
+    from merge_ops.methods.blocks import block_slices
+
+    values = delta.reshape(-1)
+    blocks = lambda: (values[s] for s in block_slices(values.numel()))  # noqa: E731
+    sparsifier.prepare(blocks, delta.shape)
+    parts = [block if (mask := sparsifier.mask(block)) is None else block * mask for block in blocks()]
+    return torch.cat(parts).view_as(delta) if parts else delta

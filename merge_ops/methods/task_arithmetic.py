@@ -1,14 +1,31 @@
 """Task arithmetic, and the shared core of its family (TIES, DARE, breadcrumbs, DELLA)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from merge_ops.methods.blocks import block_slices, flat
 from merge_ops.methods.declaration import PerModel, merge_method
 
-Sparsifier = Callable[[int, Tensor], Tensor]
+
+class Sparsifier(Protocol):
+    def prepare(self, deltas: "object", shape: torch.Size) -> None: ...
+    def reset(self) -> None: ...
+    def mask(self, delta: Tensor) -> Tensor | None: ...
+
+
+def _l1_rescale(sparsifier: Sparsifier, deltas: "object") -> float:
+    """mergekit's rescale: the factor that gives the kept entries the delta's full L1 norm."""
+    total = kept = 0.0
+    for delta in deltas():
+        mask = sparsifier.mask(delta)
+        magnitude = delta.abs()
+        total += float(magnitude.sum(dtype=torch.float32))
+        kept += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float32))
+    sparsifier.reset()
+    return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
 
 
 def combine_task_vectors(
@@ -19,36 +36,58 @@ def combine_task_vectors(
     lambda_: float,
     normalize: bool,
     consensus: bool,
-    sparsify: Sparsifier | None = None,
+    sparsifiers: list[Sparsifier] | None = None,
+    rescale: bool = False,
 ) -> Tensor:
     """``base + lambda * mix(w_i * sparsify(x_i - base))``, with optional TIES sign consensus.
 
-    The steps and their order follow ../shared merge-methods.md: weights are applied before the
-    sign vote; a zero vote counts as positive; the divisor for ``normalize`` sums the weights of
-    the entries that agree (or all weights without consensus).
+    Steps and order follow merge-methods.md: each delta is sparsified on its own (L1-rescaled
+    when ``rescale``), weights are applied before the sign vote, a zero vote counts as positive,
+    and the ``normalize`` divisor sums the weights of agreeing entries (all weights without
+    consensus). Computed in cache-sized blocks; whole-tensor statistics come first.
     """
-    weighted = []
-    for i, (x, w) in enumerate(zip(tensors, weight, strict=True)):
-        delta = x - base
-        weighted.append((sparsify(i, delta) if sparsify else delta) * w)
-    if not weighted:
+    if not tensors:
         return base
-    if consensus:
-        positive = torch.stack(weighted).sum(dim=0) >= 0
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for wd, w in zip(weighted, weight):
-            agree = torch.where(positive, wd > 0, wd < 0)
-            mixed += wd * agree
-            divisor += w * agree
-        divisor[divisor == 0] = 1
-    else:
-        mixed = torch.stack(weighted).sum(dim=0)
-        total = sum(weight)
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=base.dtype, device=base.device)
-    if normalize:
-        mixed = mixed / divisor
-    return base + mixed * lambda_
+    base_flat, inputs = flat(base), [flat(x) for x in tensors]
+    scales = [1.0] * len(tensors)
+    for i, sparsifier in enumerate(sparsifiers or []):
+        deltas = lambda x=inputs[i]: (x[s] - base_flat[s] for s in block_slices(base.numel()))  # noqa: E731
+        sparsifier.prepare(deltas, base.shape)
+        if rescale:
+            scales[i] = _l1_rescale(sparsifier, deltas)
+    out = torch.empty_like(base_flat)
+    total_weight = sum(weight)
+    for s in block_slices(base.numel()):
+        weighted = []
+        for i, x in enumerate(inputs):
+            delta = x[s] - base_flat[s]
+            mask = sparsifiers[i].mask(delta) if sparsifiers else None
+            if mask is not None:
+                delta *= mask
+            if scales[i] != 1.0:
+                delta *= scales[i]
+            weighted.append(delta.mul_(weight[i]))
+        if consensus:
+            positive = torch.stack(weighted).sum(dim=0) >= 0
+            mixed = torch.zeros_like(weighted[0])
+            divisor = torch.zeros_like(weighted[0])
+            for wd, w in zip(weighted, weight):
+                agree = torch.where(positive, wd > 0, wd < 0).to(wd.dtype)
+                mixed += wd * agree
+                divisor += agree * w
+            divisor[divisor == 0] = 1
+        else:
+            mixed = torch.stack(weighted).sum(dim=0)
+            divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+        if normalize:
+            mixed /= divisor
+        out[s] = base_flat[s] + mixed * lambda_
+    return out.view_as(base)
+
+
+def model_seeds(generator: torch.Generator, count: int) -> list[int]:
+    """One seed per input model, drawn in order from the tensor's generator."""
+    return [int(torch.randint(0, 2**62, (1,), generator=generator)) for _ in range(count)]
 
 
 @merge_method("task_arithmetic", base="required", elementwise=True)

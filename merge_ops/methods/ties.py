@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from merge_ops.methods import sparsify
 from merge_ops.methods.declaration import Fraction, PerModel, merge_method
+from merge_ops.methods.sparsify import Magnitude
 from merge_ops.methods.task_arithmetic import combine_task_vectors
 
 
@@ -21,11 +21,7 @@ def ties(
     int8_mask: bool = False,
 ) -> Tensor:
     """Keep each task vector's top-``density`` magnitudes, elect signs by weighted mass, average agreeing entries."""
-
-    def trim(i: int, delta: Tensor) -> Tensor:
-        kept = sparsify.magnitude(delta, density[i])
-        return sparsify.rescale_l1(delta, kept) if rescale else kept
-
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsify=trim
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True,
+        sparsifiers=[Magnitude(d) for d in density], rescale=rescale,
     )
