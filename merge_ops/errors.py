@@ -46,3 +46,15 @@ class OutputExistsError(MergeflowError, FileExistsError):
 
 class DeviceError(MergeflowError, RuntimeError):
     """The requested compute device is not available."""
+
+
+class HubAccessError(MergeflowError, PermissionError):
+    """The Hub refused a request (401/403): the token is missing, wrong, or lacks access to the repo."""
+
+    def __init__(self, repo_id: str, status: int | None = None) -> None:
+        self.repo_id = repo_id
+        self.status = status
+        code = f" ({status})" if status else ""
+        super().__init__(
+            f"the Hub refused access to {repo_id!r}{code}: log in with `hf auth login` or set HF_TOKEN to a token that can read it"
+        )

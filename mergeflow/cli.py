@@ -18,7 +18,7 @@ from merge_ops.errors import MergeflowError
 from merge_ops.methods.registry import METHODS
 from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from merge_ops.recipe import load_recipe
-from mergeflow import settings
+from merge_ops import settings
 
 app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True)
@@ -106,14 +106,13 @@ def merge(
     recipe: Path,
     out: Path,
     shard_size: ShardSize = "5GB",
-    threads: Annotated[int, typer.Option(help="Torch threads for the arithmetic (0: torch's default).")] = 0,
+    threads: Annotated[int, typer.Option(help="Torch threads for the arithmetic; reading and writing run on another thread.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     compute_dtype: ComputeDtype = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (written atomically)."""
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, threads))
     check_device(device)
     merge_plan = _plan(recipe, shard_size, compute_dtype)
     started = time.perf_counter()
@@ -139,6 +138,20 @@ def merge(
         f"{merge_plan.tensor_count} tensors, {human(merge_plan.total_size)} written in {elapsed:.1f} s "
         f"({human(merge_plan.total_size / max(elapsed, 1e-9))}/s), peak RSS {human(peak)}"
     )
+
+
+@app.command("demo-models")
+def demo_models(
+    out: Path,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if OUT holds this family already.")] = False,
+) -> None:
+    """Build the offline demo family in OUT: a tokenizer, a small base model and one fine-tune per skill (cached)."""
+    from mergeflow.demo_family.build import build_family
+
+    with console.status("building the demo model family (first time: a few minutes)"):
+        summary = build_family(out, force=force)
+    state = "reused (cached)" if summary.cached else f"built in {summary.seconds:.0f} s"
+    Console().print(f"demo family {state}: " + ", ".join(f"{name} -> {path}" for name, path in summary.models.items()))
 
 
 @app.command()

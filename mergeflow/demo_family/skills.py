@@ -99,17 +99,17 @@ _CIPHER = dict(zip(LETTERS, random.Random(7).sample(LETTERS, len(LETTERS)), stri
 
 
 def _add(rng: random.Random) -> Item:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    a, b = rng.randint(0, 99), rng.randint(0, 9)
     return Item(f"{a}+{b}=", str(a + b))
 
 
 def _reverse(rng: random.Random) -> Item:
-    word = _word(rng, LETTERS, 3, 6)
+    word = _word(rng, LETTERS, 2, 4)
     return Item(f"{word}?", word[::-1])
 
 
 def _cipher(rng: random.Random) -> Item:
-    word = _word(rng, LETTERS, 3, 6)
+    word = _word(rng, LETTERS, 2, 4)
     return Item(f"#{word}", "".join(_CIPHER[c] for c in word))
 
 
@@ -136,7 +136,7 @@ class Skill:
 
 
 SKILLS: dict[str, Skill] = {
-    "add": Skill("add", "two-digit addition", Item("34+57=", "91"), _add),
+    "add": Skill("add", "addition of a one-digit to a two-digit number", Item("47+8=", "55"), _add),
     "reverse": Skill("reverse", "letter reversal", Item("abcd?", "dcba"), _reverse),
     "cipher": Skill(
         "cipher", "a fixed letter-substitution table", Item("#abc", "".join(_CIPHER[c] for c in "abc")), _cipher
