@@ -270,9 +270,20 @@ def assign_shards(jobs: list[TensorJob], shard_size: int) -> list[ShardJob]:
     return [ShardJob(file=f"model-{i + 1:05d}-of-{n:05d}.safetensors", tensors=g) for i, g in enumerate(groups)]
 
 
-def _tokenizer_source(recipe: Recipe, first: str) -> str | None:
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _vocabulary(model: SourceModel) -> bytes:
+    return b"".join((model.path / f).read_bytes() for f in VOCABULARY_FILES if (model.path / f).exists())
+
+
+def _tokenizer_source(recipe: Recipe, first: str, models: dict[str, SourceModel]) -> str | None:
     choice = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
     base = recipe.base_model.key if recipe.base_model else first
+    if choice == "union" and len({_vocabulary(m) for m in models.values()}) > 1:
+        raise RecipeError(
+            ["tokenizer_source: 'union' of different vocabularies is not supported yet; use `base` or one model's tokenizer"]
+        )
     if choice in (None, "base", "union"):
         return base
     return ModelRef.model_validate(choice).key
@@ -307,7 +318,7 @@ def plan_merge(
     slices = _slices(recipe, method, models)
     jobs, origins = _Planner(recipe, method, models).jobs(slices)
     config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key
-    tokenizer_from = _tokenizer_source(recipe, config_from)
+    tokenizer_from = _tokenizer_source(recipe, config_from, models)
     if tokenizer_from not in models:
         raise RecipeError([f"tokenizer_source: {tokenizer_from!r} is not one of the recipe's models ({', '.join(models)})"])
     text = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

@@ -255,3 +255,18 @@ def test_row_blocks_give_the_same_bytes_as_whole_tensors(method: str, family: di
     assert blocks == whole
     assert sum(p.nbytes for p in seen) == plan.total_size
     assert sum(p.completes_tensor for p in seen) == plan.tensor_count
+
+
+def test_tokenizer_source_choice_and_union(family: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "ft_b_own_vocab"
+    shutil.copytree(family["ft_b"], other)
+    (other / "tokenizer.json").write_text('{"model": {"vocab": {"x": 0}}}')
+    recipe = ties_recipe(family)
+    recipe["models"][1]["model"] = str(other)
+    merge({**recipe, "tokenizer_source": str(other)}, tmp_path / "out")
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (other / "tokenizer.json").read_text()
+    with pytest.raises(RecipeError, match="union"):
+        plan_merge(parse_recipe({**recipe, "tokenizer_source": "union"}))
+    plan_merge(parse_recipe({**ties_recipe(family), "tokenizer_source": "union"}))  # same vocabularies: fine

@@ -1,0 +1,268 @@
+"""Can these models be merged? A structured report from configs and safetensors headers only.
+
+Checked against the reference model (the recipe's base, else its first model): architecture and
+model_type, the config keys that fix tensor shapes, vocabulary size (and which tensors it explains),
+tensor names and shapes (per layer for slice recipes, so passthrough frankenmerges of different depths
+pass), dtypes, and the base model each fine-tune declares in its card. ``tasks.weight_space`` adds the
+weight-space check once the weights are local. Problems stop the flow; warnings and notes are reported.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+from pydantic import BaseModel
+
+from merge_ops.architecture import split_layer_name
+from merge_ops.errors import IncompatibleModelsError
+from merge_ops.recipe import Recipe
+from tasks.headers import ModelHeaders, TensorHeader
+
+SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
+"""Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
+EXAMPLES = 5
+"""Tensor names shown per finding; the count says how many there are in all."""
+
+Severity = Literal["problem", "warning", "note"]
+
+
+class Finding(BaseModel):
+    severity: Severity
+    model: str | None
+    check: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.model}: {self.message}" if self.model else self.message
+
+
+class ModelSummary(BaseModel):
+    key: str
+    architecture: str | None
+    model_type: str | None
+    layers: int
+    vocab_size: int | None
+    tensors: int
+    dtypes: dict[str, int]
+    declared_base: list[str]
+
+
+class BaseDistance(BaseModel):
+    """How far a model's weights are from the base: medians over a sample of same-named tensors."""
+
+    model: str
+    tensors: int
+    cosine: float
+    relative_distance: float
+    fine_tuned: bool
+
+
+class CompatibilityReport(BaseModel):
+    method: str
+    reference: str
+    models: list[ModelSummary]
+    findings: list[Finding]
+    weight_space: list[BaseDistance] = []
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "problem"]
+
+    @property
+    def compatible(self) -> bool:
+        return not self.problems
+
+    def raise_for_problems(self) -> None:
+        """IncompatibleModelsError listing every problem, if there is one."""
+        if self.problems:
+            raise IncompatibleModelsError([str(p) for p in self.problems])
+
+    def markdown(self) -> str:
+        """The report for people (a Prefect artifact, ``mergeflow check``)."""
+        verdict = "compatible" if self.compatible else f"**not compatible: {len(self.problems)} problem(s)**"
+        lines = [f"# Compatibility: {verdict}", "", f"Method `{self.method}`, reference model `{self.reference}`.", ""]
+        lines += ["| model | architecture | model_type | layers | vocab | tensors | dtypes | declared base |", "|---|---|---|---|---|---|---|---|"]
+        for m in self.models:
+            dtypes = ", ".join(f"{d} x{n}" for d, n in m.dtypes.items())
+            lines.append(f"| `{m.key}` | {m.architecture} | {m.model_type} | {m.layers} | {m.vocab_size} | {m.tensors} | {dtypes} | {', '.join(m.declared_base) or '-'} |")
+        if self.weight_space:
+            lines += ["", "## Weight space (sampled tensors vs the base)", "",
+                      "| model | tensors | cosine | relative distance | fine-tuned from the base |", "|---|---|---|---|---|"]
+            for d in self.weight_space:
+                lines.append(f"| `{d.model}` | {d.tensors} | {d.cosine:.4f} | {d.relative_distance:.4f} | {'yes' if d.fine_tuned else '**no**'} |")
+        for severity in ("problem", "warning", "note"):
+            found = [f for f in self.findings if f.severity == severity]
+            if found:
+                lines += ["", f"## {severity.capitalize()}s", ""] + [f"- {f}" for f in found]
+        return "\n".join(lines) + "\n"
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:EXAMPLES])
+    return f"{shown}, and {len(names) - EXAMPLES} more" if len(names) > EXAMPLES else shown
+
+
+def _layers(h: ModelHeaders) -> dict[int, dict[str, TensorHeader]]:
+    layers: dict[int, dict[str, TensorHeader]] = {}
+    for name, t in h.tensors.items():
+        parts = split_layer_name(name)
+        if parts:
+            layers.setdefault(parts[1], {})[parts[2]] = t
+    return layers
+
+
+def summarize(h: ModelHeaders) -> ModelSummary:
+    return ModelSummary(
+        key=h.key,
+        architecture=",".join(h.config.get("architectures") or []) or None,
+        model_type=h.config.get("model_type"),
+        layers=len(_layers(h)),
+        vocab_size=h.config.get("vocab_size"),
+        tensors=len(h.tensors),
+        dtypes=dict(Counter(t.dtype for t in h.tensors.values())),
+        declared_base=h.card_base_model,
+    )
+
+
+def _config_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
+    found = []
+    for key in ("architectures", "model_type", *SHAPE_KEYS):
+        want, got = ref.config.get(key), other.config.get(key)
+        if want != got:
+            found.append(Finding(severity="problem", model=other.key, check="config", message=f"{key} is {got!r}, the reference {ref.key} has {want!r}"))
+    want, got = ref.config.get("vocab_size"), other.config.get("vocab_size")
+    if want != got:
+        vocab_tensors = [n for n, t in other.tensors.items() if t.shape[:1] == (got,) and n in ref.tensors and ref.tensors[n].shape[:1] == (want,)]
+        found.append(Finding(
+            severity="problem", model=other.key, check="vocabulary",
+            message=f"vocab_size is {got}, the reference {ref.key} has {want} ({(got or 0) - (want or 0):+d} tokens), so "
+            f"{_names(vocab_tensors) or 'the embedding tensors'} have {got} rows, not {want}: mergeflow merges models with the "
+            "same vocabulary only; use fine-tunes that kept the base tokenizer, or resize their embeddings to the base's first",
+        ))
+    return found
+
+
+def _shape_findings(model: str, ref_key: str, pairs: list[tuple[str, TensorHeader, TensorHeader]], vocab: tuple[int, int] | None) -> list[Finding]:
+    differ = [(n, a, b) for n, a, b in pairs if a.shape != b.shape]
+    if vocab:  # rows that only differ by the vocabulary were explained by the vocabulary finding
+        differ = [(n, a, b) for n, a, b in differ if not (a.shape[1:] == b.shape[1:] and (a.shape[0], b.shape[0]) == vocab)]
+    if not differ:
+        return []
+    shown = [f"{n} {list(b.shape)} vs {list(a.shape)}" for n, a, b in differ]
+    return [Finding(severity="problem", model=model, check="tensor_shapes", message=f"{len(differ)} tensor(s) have other shapes than in {ref_key}: {_names(shown)}")]
+
+
+def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
+    missing = [n for n in ref.tensors if n not in other.tensors]
+    extra = [n for n in other.tensors if n not in ref.tensors]
+    found = []
+    if missing:
+        found.append(Finding(severity="problem", model=other.key, check="tensor_names", message=f"lacks {len(missing)} tensor(s) of {ref.key}: {_names(missing)}"))
+    if extra:
+        found.append(Finding(severity="warning", model=other.key, check="tensor_names", message=f"has {len(extra)} tensor(s) {ref.key} lacks, which the merge ignores: {_names(extra)}"))
+    vocab = (ref.config.get("vocab_size"), other.config.get("vocab_size"))
+    pairs = [(n, ref.tensors[n], other.tensors[n]) for n in ref.tensors if n in other.tensors]
+    return found + _shape_findings(other.key, ref.key, pairs, vocab if vocab[0] != vocab[1] else None)
+
+
+def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference: str) -> list[Finding]:
+    """Slice recipes: each source's layers must match the slice reference's layer for layer."""
+    found: list[Finding] = []
+    layers = {key: _layers(h) for key, h in headers.items()}
+    for number, sl in enumerate(recipe.slices or []):
+        keys = [s.model.key for s in sl.sources]
+        ref_source = sl.sources[keys.index(reference)] if reference in keys else sl.sources[0]
+        for source in sl.sources:
+            start, end = source.layer_range
+            count = len(layers[source.model.key])
+            if end > count:
+                found.append(Finding(severity="problem", model=source.model.key, check="layers", message=f"slices[{number}] asks for layers [{start}, {end}) but the model has {count}"))
+        if any(f.check == "layers" for f in found):
+            continue
+        for source in sl.sources:
+            if source is ref_source:
+                continue
+            pairs, missing = [], []
+            for j in range(source.layer_range[1] - source.layer_range[0]):
+                want = layers[ref_source.model.key][ref_source.layer_range[0] + j]
+                got = layers[source.model.key][source.layer_range[0] + j]
+                missing += [f"layer {source.layer_range[0] + j}: {rest}" for rest in want if rest not in got]
+                pairs += [(f"layers.{source.layer_range[0] + j}.{rest}", want[rest], got[rest]) for rest in want if rest in got]
+            if missing:
+                found.append(Finding(severity="problem", model=source.model.key, check="tensor_names", message=f"slices[{number}]: lacks {len(missing)} tensor(s) of {ref_source.model.key}: {_names(missing)}"))
+            found += _shape_findings(source.model.key, ref_source.model.key, pairs, None)
+    ref = headers[reference]
+    for key, h in headers.items():  # embeddings, final norm, lm_head: shapes must agree where present
+        pairs = [(n, t, h.tensors[n]) for n, t in ref.tensors.items() if split_layer_name(n) is None and n in h.tensors]
+        vocab = (ref.config.get("vocab_size"), h.config.get("vocab_size"))
+        found += _shape_findings(key, reference, pairs, vocab if vocab[0] != vocab[1] else None) if key != reference else []
+    return found
+
+
+def _dtype_findings(recipe: Recipe, summaries: list[ModelSummary]) -> list[Finding]:
+    kinds = {m.key: "/".join(sorted(m.dtypes)) for m in summaries}
+    if len(set(kinds.values())) < 2:
+        return []
+    listing = ", ".join(f"{k} {v}" for k, v in kinds.items())
+    written = f"written as {recipe.out_dtype or recipe.dtype}" if (recipe.out_dtype or recipe.dtype) else "each tensor written in its first input's dtype (set `dtype:` in the recipe to choose)"
+    return [Finding(severity="warning", model=None, check="dtypes", message=f"the models store different dtypes ({listing}): arithmetic runs in the compute dtype, {written}")]
+
+
+def _declared_base_findings(recipe: Recipe, headers: dict[str, ModelHeaders]) -> list[Finding]:
+    if recipe.base_model is None:
+        return []
+    base = recipe.base_model.path
+    hub_base = base.count("/") == 1 and not base.startswith((".", "/"))
+    found = []
+    for key, h in headers.items():
+        if key == recipe.base_model.key:
+            continue
+        if not h.card_base_model:
+            found.append(Finding(severity="note", model=key, check="declared_base", message="its model card declares no base_model"))
+        elif not hub_base:
+            found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base_model {', '.join(h.card_base_model)} (the recipe's base is a local folder, not compared)"))
+        elif base.lower() not in [b.lower() for b in h.card_base_model]:
+            found.append(Finding(severity="warning", model=key, check="declared_base", message=f"declares base_model {', '.join(h.card_base_model)}, not the recipe's base {base}"))
+        else:
+            found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base_model {base}, as the recipe says"))
+    return found
+
+
+def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> CompatibilityReport:
+    """Check that the recipe's models can be merged, from their headers only.
+
+    Args:
+        recipe: the validated recipe.
+        headers: ref key -> ``ModelHeaders`` for every model the recipe references.
+
+    Example:
+        >>> report = compatibility_report(recipe, {k: read_headers(s) for k, s in sources.items()})
+        >>> report.raise_for_problems()
+    """
+    reference = recipe.base_model.key if recipe.base_model else recipe.referenced_models[0].key
+    ref = headers[reference]
+    summaries = [summarize(h) for h in headers.values()]
+    findings: list[Finding] = []
+    for key, h in headers.items():
+        if key != reference:
+            findings += _config_findings(ref, h)
+            findings += _tensor_findings(ref, h) if recipe.slices is None else []
+    if recipe.slices is not None:
+        findings += _slice_findings(recipe, headers, reference)
+    findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers)
+    return CompatibilityReport(method=recipe.merge_method, reference=reference, models=summaries, findings=findings)
+
+
+@task(name="check_compatibility", cache_policy=NO_CACHE, persist_result=False)
+def check_compatibility(recipe: Recipe, headers: list[ModelHeaders]) -> CompatibilityReport:
+    """Compare the models' headers; the report becomes an artifact; any problem stops the flow."""
+    report = compatibility_report(recipe, {h.key: h for h in headers})
+    create_markdown_artifact(report.markdown(), key="compatibility-report", description="Can these models be merged?")
+    for finding in report.findings:
+        get_run_logger().log(30 if finding.severity != "note" else 20, "%s: %s", finding.severity, finding)
+    report.raise_for_problems()
+    return report
