@@ -82,10 +82,13 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
     kwargs = {method.params[name].arg: value for name, value in job.params.items()}
     if method.random:
         kwargs["generator"] = torch.Generator().manual_seed(job.seed)
+    if method.upcasts:
+        kwargs["dtype"] = compute
+    cast = None if method.upcasts else compute
     try:
         result = method(
-            [x.to(device=device, dtype=compute) for x in inputs],
-            base.to(device=device, dtype=compute) if base is not None else None,
+            [x.to(device=device, dtype=cast) for x in inputs],
+            base.to(device=device, dtype=cast) if base is not None else None,
             **kwargs,
         )
     except ValueError as err:

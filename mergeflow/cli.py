@@ -5,7 +5,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, TypeVar
+from typing import Annotated, Callable, Optional, TypeVar
 
 import torch
 import typer
@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from merge_ops.engine import Piece, check_device, merge_model
-from merge_ops.errors import MergeflowError
+from merge_ops.errors import MergeflowError, OutputExistsError
 from merge_ops.methods.registry import METHODS
 from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from merge_ops.recipe import load_recipe
@@ -164,6 +164,126 @@ def methods() -> None:
         params = "\n".join(f"{name}: {p.describe()}" for name, p in m.params.items())
         table.add_row(m.name, m.base, params, m.summary)
     Console().print(table)
+
+
+# -- the Prefect pipeline: run, check, serve ---------------------------------------------------------
+
+Workers = Annotated[int, typer.Option(help="Shards merged at once by the thread-pool task runner (default MERGEFLOW_WORKERS).")]
+DaskAddress = Annotated[Optional[str], typer.Option(help="Run the tasks on this Dask scheduler, e.g. tcp://host:8786 (default MERGEFLOW_DASK_ADDRESS).")]
+DaskWorkers = Annotated[int, typer.Option(help="Run the tasks on a local Dask cluster of N worker processes (default MERGEFLOW_DASK_WORKERS).")]
+Endpoint = Annotated[Optional[str], typer.Option(help="Hub URL (default HF_ENDPOINT).")]
+
+
+@app.command()
+@friendly_errors
+def run(
+    recipe: Path,
+    out: Path,
+    shard_size: ShardSize = "5GB",
+    compute_dtype: ComputeDtype = "float32",
+    workers: Workers = settings.WORKERS,
+    dask_address: DaskAddress = settings.DASK_ADDRESS,
+    dask_workers: DaskWorkers = settings.DASK_WORKERS,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    endpoint: Endpoint = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Run the Prefect pipeline: resolve and check the models, download them, merge the shards in parallel into OUT.
+
+    A run stopped midway and started again merges only the shards that are missing.
+    """
+    from flows.merge_pipeline import merge_pipeline
+    from flows.runners import make_task_runner
+    from mergeflow.staging_progress import StagingProgress
+
+    load_recipe(recipe)  # recipe errors before Prefect starts
+    if out.exists() and not force:
+        raise OutputExistsError(str(out))
+    runner = make_task_runner(workers=workers, dask_address=dask_address, dask_workers=dask_workers)
+    with StagingProgress(out, console):
+        summary = merge_pipeline.with_options(task_runner=runner)(
+            recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
+            force=force, device=device, endpoint=endpoint,
+        )
+    table = Table(title=f"merged into {summary.out}")
+    for column in ("shard", "MB", "seconds", "sha256"):
+        table.add_column(column)
+    for shard in summary.shards:
+        resumed = " (resumed)" if shard.index in summary.resumed else ""
+        table.add_row(shard.file + resumed, f"{shard.nbytes / 1e6:.1f}", f"{shard.seconds:.1f}", shard.sha256)
+    Console().print(table)
+    for warning in summary.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    Console().print(
+        f"{summary.tensor_count} tensors, {human(summary.total_size)} written; pipeline {summary.pipeline_seconds:.1f} s, "
+        f"shards {summary.merge_seconds:.1f} s ({human(summary.throughput)}/s)"
+    )
+
+
+@app.command()
+@friendly_errors
+def check(recipe: Path, endpoint: Endpoint = None) -> None:
+    """Check that the models of RECIPE can be merged, from configs and safetensors headers (no weights downloaded).
+
+    When every model is a local folder, also checks in weight space that each was fine-tuned from the base.
+    Exits with 1 when the models are not compatible.
+    """
+    from rich.markdown import Markdown
+
+    from tasks.compatibility import compatibility_report
+    from tasks.headers import read_headers
+    from tasks.sources import resolve_source
+    from tasks.weight_space import weight_space_report
+
+    parsed = load_recipe(recipe)
+    sources = [resolve_source(ref, base_dir=recipe.absolute().parent, endpoint=endpoint) for ref in parsed.referenced_models]
+    report = compatibility_report(parsed, {s.key: read_headers(s, endpoint=endpoint) for s in sources})
+    if all(s.path is not None for s in sources):
+        report = weight_space_report(parsed, report, {s.key: s.path for s in sources if s.path is not None})
+    Console().print(Markdown(report.markdown()))
+    if not report.compatible:
+        raise typer.Exit(1)
+
+
+@app.command()
+@friendly_errors
+def serve(
+    recipe: Path,
+    cron: Annotated[str, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')],
+    out: Annotated[Optional[Path], typer.Option(help="Output folder, replaced by each run (default merged/RECIPE-NAME).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Deployment name (default merge-RECIPE-NAME).")] = None,
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
+    shard_size: ShardSize = "5GB",
+    compute_dtype: ComputeDtype = "float32",
+    workers: Workers = settings.WORKERS,
+    dask_address: DaskAddress = settings.DASK_ADDRESS,
+    dask_workers: DaskWorkers = settings.DASK_WORKERS,
+) -> None:
+    """Serve the pipeline for RECIPE as a Prefect deployment on a cron schedule (runs until interrupted).
+
+    Needs a Prefect server (PREFECT_API_URL); each run re-resolves the Hub revisions and replaces OUT when complete.
+    """
+    from prefect import serve as prefect_serve
+    from prefect.schedules import Cron
+
+    from flows.merge_pipeline import merge_pipeline
+    from flows.runners import make_task_runner
+
+    load_recipe(recipe)
+    runner = make_task_runner(workers=workers, dask_address=dask_address, dask_workers=dask_workers)
+    deployment = merge_pipeline.with_options(task_runner=runner).to_deployment(
+        name=name or f"merge-{recipe.stem}",
+        schedule=Cron(cron, timezone=timezone),
+        parameters={
+            "recipe": str(recipe.absolute()),
+            "out": str((out or Path("merged") / recipe.stem).absolute()),
+            "shard_size": parse_size(shard_size),
+            "compute_dtype": compute_dtype,
+            "force": True,
+        },
+        description=f"Merge {recipe.name} on the schedule {cron} ({timezone}).",
+    )
+    prefect_serve(deployment)
 
 
 def main() -> None:

@@ -163,7 +163,7 @@ def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     if missing:
         found.append(Finding(severity="problem", model=other.key, check="tensor_names", message=f"lacks {len(missing)} tensor(s) of {ref.key}: {_names(missing)}"))
     if extra:
-        found.append(Finding(severity="warning", model=other.key, check="tensor_names", message=f"has {len(extra)} tensor(s) {ref.key} lacks, which the merge ignores: {_names(extra)}"))
+        found.append(Finding(severity="problem", model=other.key, check="tensor_names", message=f"has {len(extra)} tensor(s) {ref.key} lacks: {_names(extra)}"))
     vocab = (ref.config.get("vocab_size"), other.config.get("vocab_size"))
     pairs = [(n, ref.tensors[n], other.tensors[n]) for n in ref.tensors if n in other.tensors]
     return found + _shape_findings(other.key, ref.key, pairs, vocab if vocab[0] != vocab[1] else None)

@@ -135,9 +135,9 @@ def download_source(
 
 @task(name="resolve_model", task_run_name="resolve-{ref}", retries=3, retry_delay_seconds=RETRY_DELAYS,
       retry_jitter_factor=0.5, retry_condition_fn=only_transient, cache_policy=NO_CACHE, persist_result=False)
-def resolve_model(ref: ModelRef, base_dir: Path, endpoint: str | None = None) -> ResolvedSource:
-    """Pin a model reference to a commit sha (Hub) or a folder (local)."""
-    source = resolve_source(ref, base_dir=base_dir, endpoint=endpoint)
+def resolve_model(ref: ModelRef, recipe_path: Path, endpoint: str | None = None) -> ResolvedSource:
+    """Pin a model reference to a commit sha (Hub) or a folder (local; relative paths: cwd, then the recipe's folder)."""
+    source = resolve_source(ref, base_dir=Path(recipe_path).parent, endpoint=endpoint)
     get_run_logger().info("%s -> %s", ref.key, source.label)
     return source
 

@@ -25,3 +25,27 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def sharded_bf16_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same family stored as bfloat16 in three shards with an index."""
     return build_family(tmp_path_factory.mktemp("family_bf16"), dtype=torch.bfloat16, shards=3)
+
+
+# -- Prefect: a temporary home, no analytics, and one temporary API for the whole session ----------
+import tempfile  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="mergeflow-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)  # never a developer's server
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """prefect_test_harness entered once (~12 s); its URL is exported for subprocesses and Dask workers."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)

@@ -270,3 +270,24 @@ def test_tokenizer_source_choice_and_union(family: dict[str, Path], tmp_path: Pa
     with pytest.raises(RecipeError, match="union"):
         plan_merge(parse_recipe({**recipe, "tokenizer_source": "union"}))
     plan_merge(parse_recipe({**ties_recipe(family), "tokenizer_source": "union"}))  # same vocabularies: fine
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp", "task_arithmetic", "della_linear"])
+def test_methods_that_upcast_blockwise_equal_upcasting_first(method: str) -> None:
+    from merge_ops.methods.registry import METHODS
+
+    m = METHODS[method]
+    assert m.upcasts
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 48, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + 0.1 * torch.randn(64, 48, generator=g)).to(torch.bfloat16) for _ in range(1 if method == "slerp" else 2)]
+    params = {"t": 0.3} if method == "slerp" else {"weight": [0.6, 0.5], "lambda_": 1.0, "normalize": False}
+    if method in ("ties", "dare_ties", "della_linear"):
+        params |= {"density": [0.5, 0.5], "rescale": True}
+    if method == "della_linear":
+        params["epsilon"] = [0.1, 0.1]
+    random = {"generator": torch.Generator().manual_seed(1)} if m.random else {}
+    lazy = m(xs, base, dtype=torch.float32, **params, **random)
+    random = {"generator": torch.Generator().manual_seed(1)} if m.random else {}
+    eager = m([x.float() for x in xs], base.float(), **params, **random)
+    assert lazy.dtype == torch.float32 and torch.equal(lazy, eager)

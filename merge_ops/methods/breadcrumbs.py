@@ -1,6 +1,7 @@
 """Model Breadcrumbs: drop both the smallest and the largest task-vector entries (Davari & Belilovsky, 2023)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from merge_ops.methods.sparsify import WholeTensor, magnitude_outliers
@@ -19,11 +20,12 @@ def breadcrumbs(
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Task arithmetic over task vectors without their smallest entries and top-``gamma`` outliers."""
     trims = [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma)]
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=trims, rescale=rescale
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=trims, rescale=rescale, dtype=dtype
     )
 
 
@@ -39,9 +41,10 @@ def breadcrumbs_ties(
     normalize: bool = False,
     rescale: bool = False,
     int8_mask: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Breadcrumbs trimming followed by TIES sign election."""
     trims = [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma)]
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=trims, rescale=rescale
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=trims, rescale=rescale, dtype=dtype
     )

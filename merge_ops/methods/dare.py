@@ -21,11 +21,12 @@ def dare_ties(
     normalize: bool = False,
     rescale: bool = True,
     int8_mask: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Randomly drop task-vector entries, rescale to the original L1 norm, merge with TIES sign election."""
     drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=drops, rescale=rescale
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=drops, rescale=rescale, dtype=dtype
     )
 
 
@@ -41,9 +42,10 @@ def dare_linear(
     normalize: bool = False,
     rescale: bool = True,
     int8_mask: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Randomly drop task-vector entries, rescale to the original L1 norm, add them up linearly."""
     drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=drops, rescale=rescale
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=drops, rescale=rescale, dtype=dtype
     )

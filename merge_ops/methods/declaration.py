@@ -3,8 +3,10 @@
 A method is ``fn(tensors, base, *, <params>) -> Tensor``. Keyword parameters annotated
 ``PerModel[T]`` take one value per input model; the others are global. Defaults are the
 method's defaults, ``Annotated[..., Field(ge=..)]`` ranges are enforced on recipes, a trailing
-underscore maps to a recipe name that is a Python keyword (``lambda_`` -> ``lambda``), and a
-keyword ``generator`` asks the engine for a per-tensor seeded ``torch.Generator``.
+underscore maps to a recipe name that is a Python keyword (``lambda_`` -> ``lambda``), a
+keyword ``generator`` asks the engine for a per-tensor seeded ``torch.Generator``, and a keyword
+``dtype`` says the method takes its inputs as stored and computes in ``dtype`` itself (block by
+block, so no full-size converted copies exist); without it, inputs arrive converted.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 BaseUse = Literal["required", "optional", "none"]
 REQUIRED: Any = inspect.Parameter.empty
-_INJECTED = ("tensors", "base", "generator")
+_INJECTED = ("tensors", "base", "generator", "dtype")
 _PER_MODEL = "per-model"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -79,6 +81,7 @@ class MergeMethod:
     base: BaseUse
     params: dict[str, MethodParam]
     random: bool
+    upcasts: bool
     min_models: int
     max_models: int | None
     elementwise: bool
@@ -113,7 +116,9 @@ def merge_method(
             recipe_name = p.name.rstrip("_")
             params[recipe_name] = MethodParam(recipe_name, p.name, value_type, p.default, per_model)
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
-        random = "generator" in inspect.signature(fn).parameters
-        return MergeMethod(name, fn, base, params, random, min_models, max_models, elementwise, summary)
+        injected = inspect.signature(fn).parameters
+        return MergeMethod(
+            name, fn, base, params, "generator" in injected, "dtype" in injected, min_models, max_models, elementwise, summary
+        )
 
     return wrap

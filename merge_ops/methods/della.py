@@ -22,12 +22,13 @@ def della(
     normalize: bool = True,
     rescale: bool = True,
     int8_mask: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """DELLA pruning, L1 rescale and TIES sign election."""
     seeds = model_seeds(generator, len(tensors))
     prunes = [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds)]
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=prunes, rescale=rescale
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=prunes, rescale=rescale, dtype=dtype
     )
 
 
@@ -43,10 +44,11 @@ def della_linear(
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """DELLA pruning and L1 rescale, task vectors added linearly."""
     seeds = model_seeds(generator, len(tensors))
     prunes = [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds)]
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=prunes, rescale=rescale
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=prunes, rescale=rescale, dtype=dtype
     )

@@ -25,8 +25,9 @@ def _norms_and_dot(v0: Tensor, v1: Tensor) -> tuple[float, float, float]:
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1)
-def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction) -> Tensor:
+def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, dtype: torch.dtype | None = None) -> Tensor:
     """Interpolate along the great circle from the base (t=0) to the other model (t=1); lerp when nearly parallel."""
+    dtype = dtype or base.dtype
     v0, v1 = flat(base), flat(tensors[0])
     n0, n1, dot = _norms_and_dot(v0, v1)
     cosine = dot / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
@@ -35,7 +36,7 @@ def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction) -> Tensor:
     else:
         theta = math.acos(cosine)
         c0, c1 = math.sin(theta - theta * t) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
-    out = torch.empty_like(v0)
+    out = torch.empty_like(v0, dtype=dtype)
     for s in block_slices(v0.numel()):
-        out[s] = v0[s] * c0 + v1[s] * c1
+        out[s] = v0[s].to(dtype) * c0 + v1[s].to(dtype) * c1
     return out.view_as(base)

@@ -38,29 +38,33 @@ def combine_task_vectors(
     consensus: bool,
     sparsifiers: list[Sparsifier] | None = None,
     rescale: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``base + lambda * mix(w_i * sparsify(x_i - base))``, with optional TIES sign consensus.
 
     Steps and order follow merge-methods.md: each delta is sparsified on its own (L1-rescaled
     when ``rescale``), weights are applied before the sign vote, a zero vote counts as positive,
     and the ``normalize`` divisor sums the weights of agreeing entries (all weights without
-    consensus). Computed in cache-sized blocks; whole-tensor statistics come first.
+    consensus). Computed in cache-sized blocks, in ``dtype`` (default: the base's); whole-tensor
+    statistics come first.
     """
+    dtype = dtype or base.dtype
     if not tensors:
-        return base
+        return base.to(dtype)
     base_flat, inputs = flat(base), [flat(x) for x in tensors]
     scales = [1.0] * len(tensors)
     for i, sparsifier in enumerate(sparsifiers or []):
-        deltas = lambda x=inputs[i]: (x[s] - base_flat[s] for s in block_slices(base.numel()))  # noqa: E731
+        deltas = lambda x=inputs[i]: (x[s].to(dtype) - base_flat[s].to(dtype) for s in block_slices(base.numel()))  # noqa: E731
         sparsifier.prepare(deltas, base.shape)
         if rescale:
             scales[i] = _l1_rescale(sparsifier, deltas)
-    out = torch.empty_like(base_flat)
+    out = torch.empty_like(base_flat, dtype=dtype)
     total_weight = sum(weight)
     for s in block_slices(base.numel()):
+        base_block = base_flat[s].to(dtype)
         weighted = []
         for i, x in enumerate(inputs):
-            delta = x[s] - base_flat[s]
+            delta = x[s].to(dtype) - base_block
             mask = sparsifiers[i].mask(delta) if sparsifiers else None
             if mask is not None:
                 delta *= mask
@@ -81,7 +85,7 @@ def combine_task_vectors(
             divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
         if normalize:
             mixed /= divisor
-        out[s] = base_flat[s] + mixed * lambda_
+        out[s] = base_block + mixed * lambda_
     return out.view_as(base)
 
 
@@ -99,6 +103,9 @@ def task_arithmetic(
     lambda_: float = 1.0,
     normalize: bool = False,
     int8_mask: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Add weighted task vectors to the base (Ilharco et al., 2023)."""
-    return combine_task_vectors(tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False)
+    return combine_task_vectors(
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, dtype=dtype
+    )

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -41,5 +42,13 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out_dir``."""
+    """Write tokenizer.json and tokenizer_config.json into ``out_dir``.
+
+    The config names the class ``PreTrainedTokenizerFast``, which transformers 4 and 5 both load
+    (5 would otherwise write its own ``TokenizersBackend``, unknown to 4).
+    """
     tokenizer.save_pretrained(out_dir)
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

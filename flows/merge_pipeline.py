@@ -1,0 +1,72 @@
+"""The merge pipeline: resolve sources -> check compatibility -> download -> plan -> merge shards -> finalize.
+
+Run it with ``mergeflow run RECIPE OUT``, on a schedule with ``mergeflow serve RECIPE --cron ...``, or call it:
+
+    >>> merge_pipeline(recipe=Path("recipes/ties.yaml"), out=Path("merged/ties"))
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, unmapped
+from prefect.runtime import flow_run
+
+from flows.runners import default_task_runner
+from merge_ops.plan import DEFAULT_SHARD_SIZE
+from tasks.compatibility import check_compatibility
+from tasks.headers import read_model_headers
+from tasks.recipe import read_recipe
+from tasks.shards import finalize_model, merge_shard, plan_shards
+from tasks.sources import download_model, resolve_model
+from tasks.summary import RunSummary, summarize_run
+from tasks.weight_space import check_weight_space
+
+
+def _run_name() -> str:
+    return f"merge-{Path(str(flow_run.parameters['out'])).name}"
+
+
+@flow(name="merge_pipeline", flow_run_name=_run_name, task_runner=default_task_runner())
+def merge_pipeline(
+    recipe: Path,
+    out: Path,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    compute_dtype: str = "float32",
+    force: bool = False,
+    device: str = "cpu",
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
+    extra_patterns: list[str] | None = None,
+) -> RunSummary:
+    """Merge the models of a mergekit-format recipe into the folder ``out``.
+
+    Args:
+        recipe: YAML recipe; relative local model paths are tried against its folder.
+        out: output folder, written in a staging folder next to it and renamed when complete.
+        shard_size: maximum bytes per output shard; shards are merged in parallel.
+        compute_dtype: float32, bfloat16 or float16 arithmetic.
+        force: replace ``out`` if it exists.
+        device: cpu, cuda or cuda:N.
+        endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
+        extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
+    """
+    # Load the recipe; pin every model to a commit (Hub) or a folder (local), downloading nothing
+    parsed = read_recipe(recipe)
+    resolved = resolve_model.map(parsed.referenced_models, unmapped(recipe), unmapped(endpoint)).result()
+
+    # Check compatibility from configs and safetensors headers, before any weight is downloaded
+    headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
+    report = check_compatibility(parsed, headers)
+
+    # Download the weights, then check each model is a fine-tune of the base
+    sources = download_model.map(resolved, unmapped(endpoint), unmapped(cache_dir), unmapped(extra_patterns)).result()
+    report = check_weight_space(parsed, report, sources)
+
+    # Plan into a staging folder; merge the shards in parallel (shards already there are skipped)
+    staging = plan_shards(recipe, sources, out, shard_size, compute_dtype, force)
+    shard_task = merge_shard.with_options(result_storage=staging.results_dir)
+    results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
+
+    # Finalize (index, config, tokenizer, card), move into place, report
+    final = finalize_model(staging, results, force)
+    return summarize_run(sources, report, staging, results, final)

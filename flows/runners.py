@@ -1,0 +1,30 @@
+"""Where the pipeline's tasks run: a thread pool (default), or Dask (an existing cluster, or local processes)."""
+from __future__ import annotations
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect_dask import DaskTaskRunner
+
+from merge_ops import settings
+
+
+def make_task_runner(*, workers: int | None = None, dask_address: str | None = None, dask_workers: int = 0) -> TaskRunner:
+    """The task runner for the given choice; with none, the environment's (MERGEFLOW_WORKERS, MERGEFLOW_DASK_*).
+
+    Args:
+        workers: threads of the default ThreadPoolTaskRunner (shards merged at once).
+        dask_address: scheduler of an existing Dask cluster, e.g. ``tcp://10.0.0.5:8786``. Its workers need
+            ``PREFECT_API_URL`` pointing at the same Prefect server and the staging folder's filesystem.
+        dask_workers: start a local Dask cluster of this many single-threaded worker processes.
+
+    Example:
+        >>> merge_pipeline.with_options(task_runner=make_task_runner(dask_workers=4))(recipe=..., out=...)
+    """
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    if dask_workers > 0:
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "processes": True, "threads_per_worker": 1})
+    return ThreadPoolTaskRunner(max_workers=workers or settings.WORKERS)
+
+
+def default_task_runner() -> TaskRunner:
+    return make_task_runner(workers=settings.WORKERS, dask_address=settings.DASK_ADDRESS, dask_workers=settings.DASK_WORKERS)

@@ -1,0 +1,68 @@
+"""Session fixtures for the demo skills family, shared by test_demo_family.py and test_evals.py.
+
+The family is built once per session (~1.5-2 minutes on one core). The determinism test needs a second,
+independent build; it starts at once in a subprocess (``python -m mergeflow.demo_family --force``) so the
+two builds run side by side on the two cores instead of one after the other.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeflow.demo_family.build import FamilySummary, build_family
+
+REPO = Path(__file__).resolve().parents[1]
+EVALS = REPO / "evals"
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Offline Hugging Face with a per-session HF_HOME (the datasets cache lives there); one thread."""
+    torch.set_num_threads(1)
+    values = {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path_factory.mktemp("hf_home")),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in values.items():
+            patch.setenv(name, value)
+        yield dict(os.environ)
+
+
+@pytest.fixture(scope="session")
+def demo_family_rebuild(
+    tmp_path_factory: pytest.TempPathFactory, demo_env: dict[str, str]
+) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A second build of the family, in its own process (started now, awaited by the test using it)."""
+    out = tmp_path_factory.mktemp("demo_rebuild") / "family"
+    log = out.parent / "build.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mergeflow.demo_family", str(out), "--force", "--workers", "1"],
+            cwd=REPO,
+            env=demo_env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    yield process, out
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def demo_family(
+    tmp_path_factory: pytest.TempPathFactory, demo_env: dict[str, str], demo_family_rebuild
+) -> FamilySummary:
+    """The demo family (base, add, reverse, cipher), built in this process with one worker."""
+    return build_family(tmp_path_factory.mktemp("demo") / "family", workers=1)
