@@ -291,3 +291,20 @@ def test_methods_that_upcast_blockwise_equal_upcasting_first(method: str) -> Non
     random = {"generator": torch.Generator().manual_seed(1)} if m.random else {}
     eager = m([x.float() for x in xs], base.float(), **params, **random)
     assert lazy.dtype == torch.float32 and torch.equal(lazy, eager)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["linear", "ties", "slerp", "dare_ties"])
+def test_cuda_matches_cpu(method: str, family: dict[str, Path], tmp_path: Path) -> None:
+    # masks are drawn on the CPU, so random methods agree too; kernels may round differently (FMA)
+    recipe = ties_recipe(family, merge_method=method)
+    if method == "slerp":
+        recipe = {"merge_method": "slerp", "base_model": str(family["base"]), "models": [{"model": str(family["ft_a"])}], "parameters": {"t": 0.4}}
+    plan = plan_merge(parse_recipe(recipe))
+    for device in ("cpu", "cuda"):
+        (tmp_path / device).mkdir()
+        merge_shard(plan, 0, tmp_path / device, device=device)
+    cpu, cuda = load_all(tmp_path / "cpu"), load_all(tmp_path / "cuda")
+    assert cpu.keys() == cuda.keys()
+    for name in cpu:
+        torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-5, atol=1e-6)

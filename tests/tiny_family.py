@@ -23,7 +23,7 @@ CONFIG = dict(
 def write_model(folder: Path, state: dict[str, torch.Tensor], *, config: dict | None = None, shards: int = 1) -> Path:
     """Save ``state`` as a Hugging Face folder (config, generation config, sharded safetensors, tokenizer)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**(config or CONFIG))
+    cfg = LlamaConfig(**(config or CONFIG), architectures=["LlamaForCausalLM"])
     cfg.save_pretrained(folder)
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     names = list(state)

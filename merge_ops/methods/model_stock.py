@@ -7,23 +7,25 @@ from torch import Tensor
 from merge_ops.methods.declaration import merge_method
 
 
-def _mean_pairwise_cosine(offsets: Tensor) -> Tensor:
-    unit = offsets / offsets.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    cosines = unit @ unit.transpose(-1, -2)
-    n = offsets.shape[-2]
-    pairs = torch.triu_indices(n, n, offset=1)
-    return cosines[..., pairs[0], pairs[1]].mean(dim=-1)
-
-
 @merge_method("model_stock", base="required", min_models=2)
 def model_stock(tensors: list[Tensor], base: Tensor, *, filter_wise: bool = False) -> Tensor:
-    """``t * mean(models) + (1 - t) * base`` with ``t = N cos / (1 + (N - 1) cos)``, whole tensor or per row."""
-    stacked = torch.stack(tensors)
-    offsets = stacked - base
-    if filter_wise and base.dim() > 1:
-        cos = _mean_pairwise_cosine(offsets.flatten(2).transpose(0, 1)).view(-1, *[1] * (base.dim() - 1))
-    else:
-        cos = _mean_pairwise_cosine(offsets.flatten(1))
+    """``t * mean(models) + (1 - t) * base`` with ``t = N cos / (1 + (N - 1) cos)``, whole tensor or per row.
+
+    ``cos`` is the mean pairwise cosine of the offsets from the base (each clamped to [-1, 1]);
+    where ``1 + (N - 1) cos`` is near zero there is no finite estimate and the base is kept.
+    """
+    rows = (lambda x: x.reshape(-1, x.shape[-1])) if filter_wise and base.dim() > 0 else (lambda x: x.reshape(1, -1))
+    w0 = rows(base)
+    offsets = [rows(x) - w0 for x in tensors]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1 :]:
+            norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     n = len(tensors)
-    t = n * cos / (1 + (n - 1) * cos)
-    return t * stacked.mean(dim=0) + (1 - t) * base
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(rows(x) for x in tensors) / n
+    return (t * average + (1 - t) * w0).view_as(base)

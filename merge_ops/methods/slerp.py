@@ -1,8 +1,6 @@
 """Spherical linear interpolation between the base and one other model."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -13,30 +11,30 @@ DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def _norms_and_dot(v0: Tensor, v1: Tensor) -> tuple[float, float, float]:
-    """||v0||, ||v1|| and v0 . v1 of two flat tensors, accumulated block by block in float64."""
-    s00 = s11 = s01 = 0.0
-    for s in block_slices(v0.numel()):
-        a, b = v0[s].double(), v1[s].double()
-        s00 += float(a @ a)
-        s11 += float(b @ b)
-        s01 += float(a @ b)
-    return math.sqrt(s00), math.sqrt(s11), s01
+def _norm(v: Tensor, work: torch.dtype) -> Tensor:
+    """L2 norm as the norm of per-block norms (mergekit's order of operations)."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[s].to(work)) for s in block_slices(v.numel())]))
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1)
 def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, dtype: torch.dtype | None = None) -> Tensor:
-    """Interpolate along the great circle from the base (t=0) to the other model (t=1); lerp when nearly parallel."""
-    dtype = dtype or base.dtype
+    """Interpolate along the great circle from the base (t=0) to the other model (t=1); lerp when nearly parallel.
+
+    Computed in float32 (float64 for float64), block by block, with mergekit's order of operations:
+    each vector divided by its norm before the dot product, coefficients in the working dtype.
+    """
+    work = torch.float64 if (dtype or base.dtype) == torch.float64 else torch.float32
     v0, v1 = flat(base), flat(tensors[0])
-    n0, n1, dot = _norms_and_dot(v0, v1)
-    cosine = dot / ((n0 if n0 > EPS else 1.0) * (n1 if n1 > EPS else 1.0))
-    if abs(cosine) > DOT_THRESHOLD:
-        c0, c1 = 1 - t, t
+    n0, n1 = _norm(v0, work), _norm(v1, work)
+    n0, n1 = torch.where(n0 > EPS, n0, 1), torch.where(n1 > EPS, n1, 1)
+    dot = torch.stack([((v0[s].to(work) / n0) * (v1[s].to(work) / n1)).sum() for s in block_slices(v0.numel())]).sum().clamp(-1, 1)
+    step = torch.tensor(t, dtype=work)
+    if dot.abs() > DOT_THRESHOLD:
+        c0, c1 = 1 - step, step
     else:
-        theta = math.acos(cosine)
-        c0, c1 = math.sin(theta - theta * t) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
-    out = torch.empty_like(v0, dtype=dtype)
+        theta = torch.acos(dot)
+        c0, c1 = torch.sin((1 - step) * theta) / torch.sin(theta), torch.sin(step * theta) / torch.sin(theta)
+    out = torch.empty_like(v0, dtype=dtype or base.dtype)
     for s in block_slices(v0.numel()):
-        out[s] = v0[s].to(dtype) * c0 + v1[s].to(dtype) * c1
+        out[s] = c0 * v0[s].to(work) + c1 * v1[s].to(work)
     return out.view_as(base)

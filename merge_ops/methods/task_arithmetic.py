@@ -59,7 +59,7 @@ def combine_task_vectors(
         if rescale:
             scales[i] = _l1_rescale(sparsifier, deltas)
     out = torch.empty_like(base_flat, dtype=dtype)
-    total_weight = sum(weight)
+    weights = torch.tensor(weight, dtype=dtype)  # in the working dtype, as mergekit does
     for s in block_slices(base.numel()):
         base_block = base_flat[s].to(dtype)
         weighted = []
@@ -70,19 +70,18 @@ def combine_task_vectors(
                 delta *= mask
             if scales[i] != 1.0:
                 delta *= scales[i]
-            weighted.append(delta.mul_(weight[i]))
+            weighted.append(delta * weights[i])
+        stacked = torch.stack(weighted)
         if consensus:
-            positive = torch.stack(weighted).sum(dim=0) >= 0
-            mixed = torch.zeros_like(weighted[0])
-            divisor = torch.zeros_like(weighted[0])
-            for wd, w in zip(weighted, weight):
-                agree = torch.where(positive, wd > 0, wd < 0).to(wd.dtype)
-                mixed += wd * agree
-                divisor += agree * w
+            positive = stacked.sum(dim=0) >= 0
+            agree = torch.where(positive, stacked > 0, stacked < 0).to(dtype)
+            mixed = (stacked * agree).sum(dim=0)
+            divisor = (agree * weights.view(-1, 1)).sum(dim=0)
             divisor[divisor == 0] = 1
         else:
-            mixed = torch.stack(weighted).sum(dim=0)
-            divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+            mixed = stacked.sum(dim=0)
+            total = weights.sum()
+            divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
         if normalize:
             mixed /= divisor
         out[s] = base_block + mixed * lambda_
