@@ -19,6 +19,7 @@ Cases:
   f32           float32 family, ``dtype: float32``  (mergeflow default compute dtype)
   bf16/mf-f32   bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype float32``
   bf16/mf-bf16  bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype bfloat16``
+  bf16/mf-mk    bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype mergekit``
   bf16->f32     bfloat16 family, ``dtype: float32`` (inputs upcast, float32 output)
 """
 from __future__ import annotations
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--methods", nargs="*", help="subset of methods")
     p.add_argument(
-        "--cases", nargs="*", default=["f32", "bf16/mf-f32", "bf16/mf-bf16", "bf16->f32"], help="subset of cases"
+        "--cases", nargs="*", default=["f32", "bf16/mf-f32", "bf16/mf-bf16", "bf16/mf-mk", "bf16->f32"], help="subset of cases"
     )
     p.add_argument("--shards", type=int, default=2, help="input shards per model")
     p.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "f32": ("float32", "float32", "float32"),
         "bf16/mf-f32": ("bfloat16", "bfloat16", "float32"),
         "bf16/mf-bf16": ("bfloat16", "bfloat16", "bfloat16"),
+        "bf16/mf-mk": ("bfloat16", "bfloat16", "mergekit"),
         "bf16->f32": ("bfloat16", "float32", "float32"),
     }
     mk_cache: dict[tuple[str, str, str], tuple[Path, Run]] = {}

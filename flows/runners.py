@@ -1,8 +1,9 @@
 """Where the pipeline's tasks run: a thread pool (default), or Dask (an existing cluster, or local processes)."""
 from __future__ import annotations
 
+import os
+
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from prefect_dask import DaskTaskRunner
 
 from merge_ops import settings
 
@@ -19,6 +20,9 @@ def make_task_runner(*, workers: int | None = None, dask_address: str | None = N
     Example:
         >>> merge_pipeline.with_options(task_runner=make_task_runner(dask_workers=4))(recipe=..., out=...)
     """
+    if dask_address or dask_workers > 0:
+        from prefect_dask import DaskTaskRunner  # dask and distributed take ~0.6 s to import: only when used
+
     if dask_address:
         return DaskTaskRunner(address=dask_address)
     if dask_workers > 0:
@@ -28,3 +32,21 @@ def make_task_runner(*, workers: int | None = None, dask_address: str | None = N
 
 def default_task_runner() -> TaskRunner:
     return make_task_runner(workers=settings.WORKERS, dask_address=settings.DASK_ADDRESS, dask_workers=settings.DASK_WORKERS)
+
+
+def share_api_with_worker_processes() -> str:
+    """Make sure worker processes started from now on reach this process's Prefect API; returns its URL.
+
+    With ``PREFECT_API_URL`` set, nothing to do. Without it, Prefect would start a temporary server in this
+    process and every Dask worker process another (~30 s each): start it now and export its URL, so the
+    workers use it too. Prefect stops it when this process exits.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return str(PREFECT_API_URL.value())
+    server = SubprocessASGIServer()  # the instance this process's own Prefect client uses in ephemeral mode
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # inherited by the worker processes
+    return server.api_url

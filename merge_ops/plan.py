@@ -25,7 +25,16 @@ from merge_ops.recipe import ModelRef, Parameters, Recipe
 from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor_index
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "mergekit")
+MERGEKIT_FLOAT32_METHODS = ("linear", "slerp")
+"""mergekit 0.1.5 computes these in float32 and every other method in the recipe's ``dtype``."""
+
+
+def resolve_compute_dtype(choice: str, recipe: Recipe) -> str:
+    """``mergekit`` -> the dtype mergekit computes this recipe's method in; other choices as given."""
+    if choice != "mergekit":
+        return choice
+    return "float32" if recipe.merge_method in MERGEKIT_FLOAT32_METHODS else recipe.dtype or "float32"
 
 
 class TensorSource(BaseModel):
@@ -306,7 +315,8 @@ def plan_merge(
             references not in it must be local paths (absolute, or relative to cwd or ``base_dir``).
         recipe_text: the recipe as written, kept for the model card.
         shard_size: maximum bytes per output shard.
-        compute_dtype: dtype of the arithmetic (float32 by default).
+        compute_dtype: dtype of the arithmetic: float32 (default), bfloat16, float16, or
+            ``mergekit`` for the dtype mergekit uses for this method (bit-compatible outputs).
 
     Raises:
         RecipeError, ModelNotFoundError, IncompatibleModelsError.
@@ -326,7 +336,7 @@ def plan_merge(
         method=method.name,
         recipe_text=text,
         recipe_sha256=hashlib.sha256(text.encode()).hexdigest(),
-        compute_dtype=compute_dtype,
+        compute_dtype=resolve_compute_dtype(compute_dtype, recipe),
         sources={k: str(m.path) for k, m in models.items()},
         base_model=recipe.base_model.key if recipe.base_model else None,
         config_from=config_from,

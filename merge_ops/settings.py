@@ -36,3 +36,24 @@ def hf_token() -> str | None:
     from huggingface_hub import get_token
 
     return get_token()
+
+
+# -- evaluation, tracking and publishing (tasks/evaluation.py, tasks/tracking.py, flows/evaluate_publish.py)
+
+PARAMS_FILE: Path = Path(os.environ.get("MERGEFLOW_PARAMS", "params.yaml"))
+"""MERGEFLOW_PARAMS: the params file whose ``eval:`` and ``gate:`` sections are the defaults of evaluate_track_publish."""
+
+EVAL_CACHE_DIR: Path = Path(os.environ.get("MERGEFLOW_EVAL_CACHE", ".mergeflow/eval-cache"))
+"""MERGEFLOW_EVAL_CACHE: lm-eval results by model content hash + settings, so sources and the base evaluate once."""
+
+MLFLOW_TRACKING_URI: str | None = os.environ.get("MLFLOW_TRACKING_URI") or None
+"""MLFLOW_TRACKING_URI: an MLflow tracking server or database (teams); unset keeps a local store in MLRUNS_DIR."""
+
+MLRUNS_DIR: Path = Path(os.environ.get("MERGEFLOW_MLRUNS", "mlruns"))
+"""MERGEFLOW_MLRUNS: the local MLflow store (SQLite database ``mlflow.db`` and artifacts), one folder."""
+
+MLFLOW_EXPERIMENT: str = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mergeflow")
+"""MLFLOW_EXPERIMENT_NAME: the MLflow experiment merged models are tracked in."""
+
+DVC_STAGE: str | None = os.environ.get("DVC_STAGE") or None
+"""DVC_STAGE: set by ``dvc repro``/``dvc exp run`` for the stage being run; the run then records the output's DVC hash."""

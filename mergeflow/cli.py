@@ -25,7 +25,10 @@ console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
 
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
-ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16 or float16.")]
+ComputeDtype = Annotated[
+    str,
+    typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
+]
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -193,13 +196,15 @@ def run(
     A run stopped midway and started again merges only the shards that are missing.
     """
     from flows.merge_pipeline import merge_pipeline
-    from flows.runners import make_task_runner
+    from flows.runners import make_task_runner, share_api_with_worker_processes
     from mergeflow.staging_progress import StagingProgress
 
     load_recipe(recipe)  # recipe errors before Prefect starts
     if out.exists() and not force:
         raise OutputExistsError(str(out))
     runner = make_task_runner(workers=workers, dask_address=dask_address, dask_workers=dask_workers)
+    if dask_workers and not dask_address:
+        share_api_with_worker_processes()
     with StagingProgress(out, console):
         summary = merge_pipeline.with_options(task_runner=runner)(
             recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
@@ -284,6 +289,38 @@ def serve(
         description=f"Merge {recipe.name} on the schedule {cron} ({timezone}).",
     )
     prefect_serve(deployment)
+
+
+# -- lineage, read from MLflow ----------------------------------------------------------------------
+
+
+@app.command()
+@friendly_errors
+def lineage(
+    name: Annotated[str, typer.Argument(help="Registered model name in MLflow (a repo id's '/' reads as '--').")],
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlruns).")] = None,
+) -> None:
+    """Print the lineage of every version of NAME: sources -> merged -> published, read from MLflow."""
+    from rich.tree import Tree
+
+    from tasks.tracking import lineage as read_lineage
+
+    found = read_lineage(name, tracking_uri=tracking_uri)
+    root = Tree(f"[bold]{found.name}[/bold] ({len(found.versions)} version(s) in {found.tracking_uri})")
+    for v in found.versions:
+        branch = root.add(f"version {v.version}  run {v.run_id}")
+        sources = branch.add("sources")
+        for s in sorted(v.sources, key=lambda s: not s.is_base):
+            where = f"{s.repo_id} @ {s.commit_sha}" if s.repo_id else f"{s.key} (local: {s.path})"
+            sources.add(f"{'base    ' if s.is_base else 'source  '}{where}" + (f"  (asked: {s.revision})" if s.revision else ""))
+        merged = branch.add(f"merged  {v.method} -> content sha256 {v.output_hash}  (recipe sha256 {v.recipe_sha256})")
+        gate = "passed" if v.gate == "passed" else f"failed: {v.gate_reasons}" if v.gate == "failed" else "not recorded"
+        merged.add(f"gate    {gate}")
+        if v.hub_commit:
+            merged.add(f"published  {v.hub_repo_id} @ {v.hub_commit}  ({v.hub_url})")
+        else:
+            merged.add(f"not published ({v.outcome or 'no outcome recorded'})")
+    Console(width=200).print(root, highlight=False)
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def summarize(h: ModelHeaders) -> ModelSummary:
         vocab_size=h.config.get("vocab_size"),
         tensors=len(h.tensors),
         dtypes=dict(Counter(t.dtype for t in h.tensors.values())),
-        declared_base=h.card_base_model,
+        declared_base=declared_bases(h),
     )
 
 
@@ -212,23 +212,35 @@ def _dtype_findings(recipe: Recipe, summaries: list[ModelSummary]) -> list[Findi
     return [Finding(severity="warning", model=None, check="dtypes", message=f"the models store different dtypes ({listing}): arithmetic runs in the compute dtype, {written}")]
 
 
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def declared_bases(h: ModelHeaders) -> list[str]:
+    """The base a model says it came from: its card's ``base_model``, else its config's ``_name_or_path``."""
+    if h.card_base_model:
+        return h.card_base_model
+    origin = str(h.config.get("_name_or_path") or "")
+    return [origin] if _is_hub_id(origin) and origin != h.key.split("@")[0] else []
+
+
 def _declared_base_findings(recipe: Recipe, headers: dict[str, ModelHeaders]) -> list[Finding]:
     if recipe.base_model is None:
         return []
     base = recipe.base_model.path
-    hub_base = base.count("/") == 1 and not base.startswith((".", "/"))
     found = []
     for key, h in headers.items():
+        declared = declared_bases(h)
         if key == recipe.base_model.key:
             continue
-        if not h.card_base_model:
-            found.append(Finding(severity="note", model=key, check="declared_base", message="its model card declares no base_model"))
-        elif not hub_base:
-            found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base_model {', '.join(h.card_base_model)} (the recipe's base is a local folder, not compared)"))
-        elif base.lower() not in [b.lower() for b in h.card_base_model]:
-            found.append(Finding(severity="warning", model=key, check="declared_base", message=f"declares base_model {', '.join(h.card_base_model)}, not the recipe's base {base}"))
+        if not declared:
+            found.append(Finding(severity="note", model=key, check="declared_base", message="declares no base model (card base_model, config _name_or_path)"))
+        elif not _is_hub_id(base):
+            found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base model {', '.join(declared)} (the recipe's base is a local folder, not compared)"))
+        elif base.lower() not in [b.lower() for b in declared]:
+            found.append(Finding(severity="warning", model=key, check="declared_base", message=f"declares base model {', '.join(declared)}, not the recipe's base {base}"))
         else:
-            found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base_model {base}, as the recipe says"))
+            found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base model {base}, as the recipe says"))
     return found
 
 

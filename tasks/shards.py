@@ -47,6 +47,8 @@ class Staging(BaseModel):
     tensor_count: int
     done_before: list[int]
     """Shards already in the folder when this run started (a resumed run)."""
+    other_staging: list[Path] = []
+    """Staging folders of ``out`` for other plans (runs stopped before the recipe or its sources changed)."""
 
     @property
     def plan_path(self) -> Path:
@@ -106,6 +108,7 @@ def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False) -> Stagi
     return Staging(
         dir=folder, out=out, plan_sha256=digest, shard_files=[s.file for s in plan.shards], total_size=plan.total_size,
         input_bytes=plan.input_bytes, tensor_count=plan.tensor_count, done_before=done,
+        other_staging=sorted(p for p in out.parent.glob(f".{out.name}.staging-*") if p != folder),
     )
 
 
@@ -173,6 +176,8 @@ def plan_shards(recipe_path: Path, sources: list[ResolvedSource], out: Path, sha
         "plan %s: %d shard(s), %d tensors, %.2f GB to write, staging in %s%s", staging.plan_sha256[:12], len(staging.shard_files),
         staging.tensor_count, staging.total_size / 1e9, staging.dir, f"; resuming, {len(staging.done_before)} shard(s) already done" if staging.done_before else "",
     )
+    for folder in staging.other_staging:
+        get_run_logger().warning("%s is left from a run of another plan; delete it to free its space", folder)
     return staging
 
 

@@ -112,10 +112,13 @@ def test_declared_base_against_a_hub_base(family: dict[str, Path], variants: dic
         "org/base": ModelHeaders(key="org/base", config={}, tensors={}),
         "org/ft": ModelHeaders(key="org/ft", config={}, tensors={}, card_base_model=["org/base"]),
         "org/other": ModelHeaders(key="org/other", config={}, tensors={}, card_base_model=["org/other-base"]),
+        "org/cfg": ModelHeaders(key="org/cfg", config={"_name_or_path": "org/base"}, tensors={}),
     }
-    report = compatibility_report(parse_recipe(ties_recipe("org/base", "org/ft", "org/other")), headers)
+    recipe = parse_recipe(dict(ties_recipe("org/base", "org/ft", "org/other"), models=[{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in ("org/ft", "org/other", "org/cfg")]))
+    report = compatibility_report(recipe, headers)
     declared = {f.model: f.severity for f in report.findings if f.check == "declared_base"}
-    assert declared == {"org/ft": "note", "org/other": "warning"}
+    assert declared == {"org/ft": "note", "org/other": "warning", "org/cfg": "note"}
+    assert "as the recipe says" in next(f.message for f in report.findings if f.model == "org/cfg")
 
 
 def test_weight_space_flags_an_unrelated_model(family: dict[str, Path], variants: dict[str, Path], tmp_path: Path) -> None:

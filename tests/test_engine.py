@@ -308,3 +308,16 @@ def test_cuda_matches_cpu(method: str, family: dict[str, Path], tmp_path: Path) 
     assert cpu.keys() == cuda.keys()
     for name in cpu:
         torch.testing.assert_close(cuda[name], cpu[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mergekit_compute_dtype_follows_mergekit_per_method(family: dict[str, Path]) -> None:
+    from merge_ops.plan import resolve_compute_dtype
+
+    def resolved(method: str, dtype: str | None) -> str:
+        return resolve_compute_dtype("mergekit", parse_recipe({**ties_recipe(family), "merge_method": method, "dtype": dtype}))
+
+    assert resolved("ties", "bfloat16") == "bfloat16"
+    assert resolved("task_arithmetic", None) == "float32"
+    assert resolved("linear", "bfloat16") == "float32"
+    plan = plan_merge(parse_recipe({**ties_recipe(family), "dtype": "bfloat16"}), compute_dtype="mergekit")
+    assert plan.compute_dtype == "bfloat16"

@@ -174,3 +174,28 @@ def test_resume_after_sigkill_recomputes_only_missing_shards(
     clean = merge_pipeline(recipe=recipe, out=tmp_path / "clean", shard_size=SHARD)
     assert folder_bytes(out) == folder_bytes(clean.out)
     assert [s.sha256 for s in summary.shards] == [s.sha256 for s in clean.shards]
+
+
+def test_staging_folder_is_deterministic_and_trusts_only_complete_shards(family: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", ties_recipe(str(family["base"]), str(family["ft_a"]), str(family["ft_b"])))
+    plan = plan_merge(load_recipe(recipe), shard_size=5000)
+    out = tmp_path / "merged"
+    first = tasks.shards.prepare_staging(plan, out)
+    assert first.dir == staging_dir_for(out, first.plan_sha256) == tmp_path / f".merged.staging-{first.plan_sha256[:12]}"
+    assert first.done_before == [] and len(first.shard_files) >= 3
+    records = first.results_dir
+    for i in (0, 1):  # shard 0 finished (file + record); shard 1 killed between rename and record; shard 2 record only
+        (first.dir / first.shard_files[i]).write_bytes(b"shard")
+    (records / tasks.shards.shard_cache_key(first.plan_sha256, 0)).write_bytes(b"record")
+    (records / tasks.shards.shard_cache_key(first.plan_sha256, 2)).write_bytes(b"record")
+    (first.dir / (first.shard_files[3] + ".partial")).write_bytes(b"half")
+    (tmp_path / ".merged.staging-0123456789ab").mkdir()
+
+    again = tasks.shards.prepare_staging(plan, out)
+    assert again.dir == first.dir and again.done_before == [0]
+    assert sorted(p.name for p in first.dir.glob("model-*")) == [first.shard_files[0]]
+    assert sorted(p.name for p in records.iterdir()) == [tasks.shards.shard_cache_key(first.plan_sha256, 0)]
+    assert again.other_staging == [tmp_path / ".merged.staging-0123456789ab"]
+    out.mkdir()
+    with pytest.raises(OutputExistsError):
+        tasks.shards.prepare_staging(plan, out)
