@@ -3,7 +3,8 @@
 Reuses bench/merge_bench.py's synthesised TinyLlama-shaped models (cached under bench/.cache) and its linear
 recipe. Each configuration runs --runs times in a fresh process, interleaved (A B C A B C ...) so that drift in
 the machine's load hits them alike; the table shows medians and the overhead against the engine with the same
-shard layout. The pipeline runs against a `prefect server start` that this script starts on 127.0.0.1 with a
+shard layout. Before each run the previous output is deleted and `sync` flushes it, so that no run pays for
+the previous one's writeback. The pipeline runs against a `prefect server start` that this script starts on 127.0.0.1 with a
 temporary PREFECT_HOME (how a deployment runs), and once more with no server configured, when Prefect starts a
 temporary one inside each run.
 
@@ -107,6 +108,8 @@ def main() -> None:
         for _ in range(args.runs):
             for name, (command, env, _) in configs.items():
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # the last run's output is written back now, not during the next run
+                time.sleep(2)
                 walls[name].append(timed([mergeflow, command[0], str(recipe), str(out), *command[1:]], env))
                 digests.setdefault(name, digest(out))
                 print(f"{name}: {walls[name][-1]:.1f} s (load {os.getloadavg()[0]:.2f})", file=sys.stderr)

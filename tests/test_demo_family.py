@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from demo_family_fixtures import demo_env, demo_family, demo_family_rebuild  # noqa: F401
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from mergeflow.demo_family.build import MARKER, build_family
 from mergeflow.demo_family.skills import SKILLS, pretraining_item
 from mergeflow.demo_family.test_sets import write_test_sets
+
+# A plugin, not an import: imported fixtures would be one session fixture per module (two builds).
+pytest_plugins = ["demo_family_fixtures"]
 
 MODEL_FILES = {
     "model.safetensors",

@@ -1,6 +1,7 @@
 """MLflow tracking against a real SQLite store in tmp: the local store layout, run contents, registry, lineage."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from tasks.gate import GateDecision, GatePolicy
 from tasks.publish import Published
 from tasks.tracking import MergeStats, flatten, lineage, metric_name, record_outcome, resolve_tracking_uri, track_run
 
+REPO = Path(__file__).resolve().parents[1]
 SCORES = {"merged": {"skill_add": 0.6, "skill_reverse": 0.85}, "ft_a": {"skill_add": 0.8, "skill_reverse": 0.0},
           "ft_b": {"skill_add": 0.0, "skill_reverse": 0.95}, "base": {"skill_add": 0.0, "skill_reverse": 0.0}}
 
@@ -154,3 +156,30 @@ def test_flatten_and_metric_names() -> None:
     assert flatten(recipe) == {"merge_method": "ties", "models.0.model": "a", "models.0.parameters.density.0.filter": "mlp",
                                "models.0.parameters.density.0.value": "0.5", "seed": "null"}
     assert metric_name("eval", "source", "org/model@v1", "gsm8k", "exact_match,strict") == "eval/source/org/model_v1/gsm8k/exact_match_strict"
+
+
+def test_lineage_has_hashes_git_and_the_dvc_hash_under_dvc(merged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from tasks.evaluation import model_content_hash
+    from tasks.lineage import SourceRecord, collect_lineage
+
+    recipe, folder = merged
+    sources = [SourceRecord(key="ft_a", path=str(folder.parent / "ft_a"))]
+    monkeypatch.chdir(REPO)
+    plain = collect_lineage(folder, recipe=recipe, sources=sources)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert plain.git_commit == head and plain.dvc_hash is None and plain.prefect_flow_run_id is None
+    assert plain.output_hash == model_content_hash(folder) and plain.method == "ties"
+    assert plain.recipe_sha256 == plan_merge(load_recipe(recipe), recipe_text=recipe.read_text()).recipe_sha256
+
+    monkeypatch.setattr(settings, "DVC_STAGE", "merge")
+    under_dvc = collect_lineage(folder, recipe=recipe, sources=sources)
+    project = tmp_path / "dvc_project"
+    shutil.copytree(folder, project / "model")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, check=True)
+    subprocess.run([*dvc, "add", "-q", "model"], cwd=project, check=True)
+    assert under_dvc.dvc_hash == yaml.safe_load((project / "model.dvc").read_text())["outs"][0]["md5"]
+    assert under_dvc.dvc_stage == "merge" and under_dvc.dvc_hash.endswith(".dir")
