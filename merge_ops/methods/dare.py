@@ -4,48 +4,40 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_ops.methods.declaration import Fraction, PerModel, merge_method
+from merge_ops.methods.declaration import Fraction, MergeMethod, PerModel, merge_method
 from merge_ops.methods.sparsify import RandomDrop
 from merge_ops.methods.task_arithmetic import combine_task_vectors, model_seeds
 
 
-@merge_method("dare_ties", base="required")
-def dare_ties(
-    tensors: list[Tensor],
-    base: Tensor,
-    *,
-    generator: torch.Generator,
-    weight: PerModel[float],
-    density: PerModel[Fraction] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Randomly drop task-vector entries, rescale to the original L1 norm, merge with TIES sign election."""
-    drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
-    return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True, sparsifiers=drops, rescale=rescale, dtype=dtype
-    )
+def _dare(name: str, *, consensus: bool, summary: str) -> MergeMethod:
+    def method(
+        tensors: list[Tensor],
+        base: Tensor,
+        *,
+        generator: torch.Generator,
+        weight: PerModel[float],
+        density: PerModel[Fraction] = 1.0,
+        lambda_: float = 1.0,
+        normalize: bool = False,
+        rescale: bool = True,
+        int8_mask: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
+        return combine_task_vectors(
+            tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus,
+            sparsifiers=drops, rescale=rescale, dtype=dtype,
+        )
+
+    method.__doc__ = summary
+    return merge_method(name, base="required")(method)
 
 
-@merge_method("dare_linear", base="required")
-def dare_linear(
-    tensors: list[Tensor],
-    base: Tensor,
-    *,
-    generator: torch.Generator,
-    weight: PerModel[float],
-    density: PerModel[Fraction] = 1.0,
-    lambda_: float = 1.0,
-    normalize: bool = False,
-    rescale: bool = True,
-    int8_mask: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Tensor:
-    """Randomly drop task-vector entries, rescale to the original L1 norm, add them up linearly."""
-    drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
-    return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, sparsifiers=drops, rescale=rescale, dtype=dtype
-    )
+dare_ties = _dare(
+    "dare_ties", consensus=True,
+    summary="Randomly drop task-vector entries, rescale to the original L1 norm, merge with TIES sign election.",
+)
+dare_linear = _dare(
+    "dare_linear", consensus=False,
+    summary="Randomly drop task-vector entries, rescale to the original L1 norm, add them up linearly.",
+)
