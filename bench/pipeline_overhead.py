@@ -80,11 +80,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=HERE / ".cache")
     parser.add_argument("--json", type=Path, help="write the results here too")
+    parser.add_argument("--recipe", type=Path, help="time this recipe instead (e.g. a tiny one: the fixed cost alone)")
     args = parser.parse_args()
 
-    folders = synthesise(args.cache / "models")
-    recipe = args.cache / "linear.yaml"
-    recipe.write_text(yaml.safe_dump(recipes(folders)["linear"]))
+    if args.recipe:
+        recipe = args.recipe.absolute()
+    else:
+        recipe = args.cache / "linear.yaml"
+        recipe.write_text(yaml.safe_dump(recipes(synthesise(args.cache / "models"))["linear"]))
     mergeflow = str(Path(sys.executable).with_name("mergeflow"))
     home = Path(tempfile.mkdtemp(prefix="mergeflow-overhead-"))
     base_env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

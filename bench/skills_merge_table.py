@@ -28,11 +28,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
-from mergeflow.demo_family.build import build_family  # noqa: E402
+from mergeflow.demo_family.build import build_family
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"
@@ -97,13 +97,21 @@ def _sign_consensus(deltas: list[torch.Tensor], weights: list[float], *, normali
     return mixed
 
 
-def ties(base: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], density: float, lam: float) -> torch.Tensor:
+def ties(
+    base: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], density: float, lam: float
+) -> torch.Tensor:
     deltas = [_top_k(x - base, density) for x in xs]
     return base + lam * _sign_consensus(deltas, weights, normalize=True)
 
 
 def dare_ties(
-    base: torch.Tensor, xs: list[torch.Tensor], *, weights: list[float], density: float, lam: float, generator: torch.Generator
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    *,
+    weights: list[float],
+    density: float,
+    lam: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     deltas = [_dare(x - base, density, generator) for x in xs]
     return base + lam * _sign_consensus(deltas, weights, normalize=False)
@@ -155,7 +163,10 @@ def engine_merges(family: Path, work: Path) -> list[tuple[str, Path]]:
         recipe = work / recipe_path.name
         recipe.write_text(text)
         out = work / f"engine-{recipe_path.stem}"
-        subprocess.run([sys.executable, "-m", "mergeflow.cli", "merge", str(recipe), str(out)], check=True, cwd=work)
+        command = [sys.executable, "-m", "mergeflow.cli", "merge", str(recipe), str(out)]
+        run = subprocess.run(command, cwd=work, capture_output=True, text=True, check=False)
+        if run.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
         method = yaml.safe_load(text)["merge_method"]
         merged.append((f"mergeflow merge {recipe_path.name} ({method})", out))
     return merged
@@ -194,7 +205,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="skills-merges-") as tmp:
         work = Path(tmp)
         for index, (label, method, params) in enumerate(merge_grid()):
-            folder = save_merged(merge_state(base, sources, method, **params), summary.models["base"], work / f"m{index}")
+            folder = save_merged(
+                merge_state(base, sources, method, **params), summary.models["base"], work / f"m{index}"
+            )
             row(label, folder)
         if args.engine:
             for label, folder in engine_merges(summary.root, work):

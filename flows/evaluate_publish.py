@@ -18,9 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
@@ -30,10 +29,16 @@ from tasks.chart import plot_scores
 from tasks.compatibility import CompatibilityReport
 from tasks.evaluation import EvalResult, EvalSettings, evaluate_model_task
 from tasks.gate import GateDecision, GatePolicy, apply_gate_task
-from tasks.lineage import Lineage, SourceRecord, collect_lineage
-from tasks.publish import Published, PublishTarget, publish_model_task, write_hub_card
+from tasks.lineage import Lineage, SourceRecord
+from tasks.publish import Published, PublishTarget, publish_model_task, write_card_task
 from tasks.sources import ResolvedSource
-from tasks.tracking import MergeStats, TrackedRun, record_outcome_task, track_run_task
+from tasks.tracking import (
+    MergeStats,
+    TrackedRun,
+    process_peak_rss,
+    record_outcome_task,
+    track_run_task,
+)
 
 Outcome = Literal["published", "gate_failed", "not_published"]
 
@@ -68,14 +73,6 @@ def evaluation_report(merged: EvalResult, sources: dict[str, EvalResult], names:
         lines.append(f"| {task_name} ({merged.primary[task_name]}) | **{value:.4f}** | {cells} |")
     cached = [names.get(k, k) for k, r in sources.items() if r.cached] + (["merged"] if merged.cached else [])
     return "\n".join(lines + ["", f"From the evaluation cache: {', '.join(cached) or 'none'}."]) + "\n"
-
-
-@task(name="write_model_card", cache_policy=NO_CACHE, persist_result=False)
-def write_card_task(merged_dir: Path, recipe: Path, records: list[SourceRecord], merged: EvalResult, sources: dict[str, EvalResult], model_name: str) -> Lineage:
-    """Write the Hub card into the folder, then collect the lineage (the DVC hash covers the final card)."""
-    preliminary = collect_lineage(merged_dir, recipe=recipe, sources=records)
-    write_hub_card(merged_dir, lineage=preliminary, merged=merged, sources=sources, model_name=model_name)
-    return collect_lineage(merged_dir, recipe=recipe, sources=records)
 
 
 @flow(name="evaluate_track_publish", flow_run_name=_run_name)
@@ -120,7 +117,7 @@ def evaluate_track_publish(
     gate = gate or GatePolicy.from_params(params)
     model_name = model_name or (publish.repo_id.split("/")[-1] if publish else merged_dir.name)
     records = source_records(sources)
-    stats = stats or MergeStats.model_validate({"peak_rss_bytes": _peak_rss()})
+    stats = stats or MergeStats(peak_rss_bytes=process_peak_rss())
 
     # Evaluate the merged model, then every source and the base (cached by content: each evaluates once)
     merged = evaluate_model_task(merged_dir, evaluation, "merged", eval_cache_dir)
@@ -151,9 +148,3 @@ def evaluate_track_publish(
     if outcome == "gate_failed" and fail_on_gate:
         raise GateFailedError(merged_dir.name, decision.reasons, run_id=run.run_id)
     return EvaluatePublishResult(outcome=outcome, merged=merged, sources=scores, gate=decision, lineage=lineage, run=run, published=published)
-
-
-def _peak_rss() -> int:
-    from tasks.tracking import process_peak_rss
-
-    return process_peak_rss()

@@ -1,6 +1,7 @@
 """A PNG bar chart of the merged model against its sources, one group of bars per task (matplotlib, Agg)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -33,7 +34,7 @@ def plot_scores(merged: dict[str, float], sources: dict[str, dict[str, float]], 
         axes.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     axes.set_xticks(range(len(tasks)), tasks, rotation=20 if len(tasks) > 4 else 0)
     axes.set_ylabel("score")
-    axes.set_ylim(0, max([1.0, *(v for s in series.values() for v in s.values() if v == v)]) * 1.12)
+    axes.set_ylim(0, max([1.0, *(v for s in series.values() for v in s.values() if not math.isnan(v))]) * 1.12)
     axes.set_title(title)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()

@@ -49,7 +49,7 @@ class EvalSettings(BaseModel):
     dtype: str | None = None
 
     @classmethod
-    def from_params(cls, path: Path) -> "EvalSettings":
+    def from_params(cls, path: Path) -> EvalSettings:
         """The ``eval:`` section of a params file; a relative ``include_path`` is relative to that file.
 
         Raises:

@@ -42,7 +42,7 @@ class GatePolicy(BaseModel):
     """Tasks of the regression and average rules; None: every task evaluated, groups left out."""
 
     @classmethod
-    def from_params(cls, path: Path) -> "GatePolicy":
+    def from_params(cls, path: Path) -> GatePolicy:
         """The ``gate:`` section of a params file.
 
         Raises:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from merge_ops import settings
 from merge_ops.errors import PublishError
 from tasks.evaluation import EvalResult
-from tasks.lineage import Lineage
+from tasks.lineage import Lineage, SourceRecord, collect_lineage
 from tasks.retries import RETRY_DELAYS, only_transient
 
 CARD_MARK = "<!-- mergeflow: evaluation and lineage, generated; edits below this line are replaced -->"
@@ -175,3 +175,13 @@ def publish_model_task(folder: Path, target: PublishTarget) -> Published:
     state = "new commit" if published.new_commit else "unchanged, no new commit"
     get_run_logger().info("published %s to %s at %s (%s)", folder, published.repo_id, published.commit_sha, state)
     return published
+
+
+@task(name="write_model_card", cache_policy=NO_CACHE, persist_result=False)
+def write_card_task(
+    merged_dir: Path, recipe: Path, sources: list[SourceRecord], merged: EvalResult, source_evals: dict[str, EvalResult], model_name: str
+) -> Lineage:
+    """Write the Hub card into the merged folder; returns the lineage of the final folder (its DVC hash covers the card)."""
+    preliminary = collect_lineage(merged_dir, recipe=recipe, sources=sources)
+    write_hub_card(merged_dir, lineage=preliminary, merged=merged, sources=source_evals, model_name=model_name)
+    return collect_lineage(merged_dir, recipe=recipe, sources=sources)

@@ -30,6 +30,8 @@ class RunSummary(BaseModel):
     """Wall time of the shards merged by this run (first start to last end); 0 if all were already done."""
     pipeline_seconds: float
     warnings: list[str]
+    compatibility: CompatibilityReport | None = None
+    """The compatibility report, with the weight-space check when there is a base."""
 
     @property
     def throughput(self) -> float:
@@ -70,7 +72,7 @@ def summarize_run(sources: list[ResolvedSource], report: CompatibilityReport, st
         out=out, plan_sha256=staging.plan_sha256, sources=sources, shards=results, resumed=staging.done_before,
         total_size=staging.total_size, input_bytes=staging.input_bytes, tensor_count=staging.tensor_count,
         merge_seconds=merge_seconds, pipeline_seconds=time.time() - _flow_started(),
-        warnings=[str(f) for f in report.findings if f.severity == "warning"],
+        warnings=[str(f) for f in report.findings if f.severity == "warning"], compatibility=report,
     )
     create_markdown_artifact(summary.markdown(report), key="merge-summary", description=f"merge into {out}")
     get_run_logger().info("merged %s: %.2f GB in %.1f s", out, summary.total_size / 1e9, summary.pipeline_seconds)

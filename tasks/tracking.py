@@ -65,7 +65,7 @@ class MergeStats(BaseModel):
     plan_sha256: str | None = None
 
     @classmethod
-    def from_summary(cls, summary: RunSummary, *, peak_rss_bytes: int | None = None) -> "MergeStats":
+    def from_summary(cls, summary: RunSummary, *, peak_rss_bytes: int | None = None) -> MergeStats:
         """From the merge pipeline's ``RunSummary``; the peak RSS defaults to this process's so far."""
         return cls(
             merge_seconds=summary.merge_seconds, pipeline_seconds=summary.pipeline_seconds,

@@ -48,7 +48,7 @@ def demo_family_rebuild(
     log = out.parent / "build.log"
     with log.open("w") as sink:
         process = subprocess.Popen(
-            [sys.executable, "-m", "mergeflow.demo_family", str(out), "--force", "--workers", "1"],
+            [sys.executable, "-m", "mergeflow.demo_family", str(out), "--force"],
             cwd=REPO,
             env=demo_env,
             stdout=sink,
@@ -64,7 +64,7 @@ def demo_family_rebuild(
 def demo_family(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, demo_env: dict[str, str]
 ) -> FamilySummary:
-    """The demo family (base, add, reverse, cipher), built in this process with one worker."""
+    """The demo family (base, add, reverse, cipher), built in this process."""
     if any("demo_family_rebuild" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("demo_family_rebuild")  # start the second build first: both run at once
-    return build_family(tmp_path_factory.mktemp("demo") / "family", workers=1)
+    return build_family(tmp_path_factory.mktemp("demo") / "family")

@@ -1,4 +1,4 @@
-"""Fixtures for the evaluate -> track -> gate -> publish tests: MLflow stores, Hub setup, synthetic eval results.
+"""MLflow store fixtures for the tracking and flow tests; use as a plugin: ``pytest_plugins = ["evaluate_publish_fixtures"]``.
 
 A fresh MLflow SQLite store costs ~2-3 s of migrations: ``mlflow_template`` makes one per session and
 ``mlflow_store`` copies it into each test's ``mlruns/`` (the local store layout: database and artifacts in
@@ -6,18 +6,12 @@ one folder).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from merge_ops import settings
-from tasks.evaluation import EvalResult
-from tasks.lineage import Lineage, SourceRecord
-
-REPO = Path(__file__).resolve().parents[1]
-EVALS = REPO / "evals"
 
 
 @pytest.fixture(scope="session")
@@ -40,25 +34,3 @@ def mlflow_store(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(settings, "MLFLOW_TRACKING_URI", None)
     return f"sqlite:///{root / 'mlflow.db'}"
 
-
-def fake_eval(folder: Path, scores: dict[str, float], raw_dir: Path, *, name: str) -> EvalResult:
-    """An EvalResult with ``exact_match`` scores and a raw JSON file, without running lm-eval."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    raw = raw_dir / f"{name}.results.json"
-    raw.write_text(json.dumps({"results": {t: {"exact_match,none": v} for t, v in scores.items()}, "config": {"limit": 40}}))
-    return EvalResult(
-        model_dir=folder, content_hash=f"hash-{name}", cache_key=f"key-{name}", tasks=list(scores),
-        metrics={t: {"exact_match": v, "exact_match_stderr": 0.01} for t, v in scores.items()},
-        primary={t: "exact_match" for t in scores}, groups=[], raw_path=raw, lm_eval_version="0.4.13", seconds=1.0,
-    )
-
-
-def hub_lineage(output_hash: str = "f" * 64) -> Lineage:
-    """The lineage of a ties merge of three Hub models pinned to commits."""
-    sources = [
-        SourceRecord(key="mergeflow/base", repo_id="mergeflow/base", commit_sha="a" * 40, is_base=True),
-        SourceRecord(key="mergeflow/ft_a@main", repo_id="mergeflow/ft_a", revision="main", commit_sha="b" * 40),
-        SourceRecord(key="mergeflow/ft_b", repo_id="mergeflow/ft_b", commit_sha="c" * 40),
-    ]
-    return Lineage(method="ties", recipe_sha256="d" * 64, base_model="mergeflow/base", sources=sources,
-                   output_hash=output_hash, output_bytes=1234, git_commit="e" * 40, git_dirty=False)

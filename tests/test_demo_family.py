@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from demo_family_fixtures import EVALS
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
@@ -50,7 +51,7 @@ def test_family_has_a_base_and_one_model_per_skill(demo_family):
         config = AutoConfig.from_pretrained(folder)
         assert config.model_type == "llama"
         with safe_open(folder / "model.safetensors", "pt") as weights:
-            n_params = sum(_numel(weights, key) for key in weights.keys())
+            n_params = sum(_numel(weights, key) for key in weights)
         assert 100_000 <= n_params <= 5_000_000
 
 
@@ -117,4 +118,4 @@ def test_skills_do_not_appear_in_pretraining():
 def test_committed_test_sets_are_current(tmp_path):
     written = write_test_sets(tmp_path)
     for skill, path in written.items():
-        assert path.read_bytes() == (Path(__file__).resolve().parents[1] / "evals" / "data" / f"{skill}.jsonl").read_bytes()
+        assert path.read_bytes() == (EVALS / "data" / f"{skill}.jsonl").read_bytes()

@@ -96,7 +96,7 @@ def test_lm_eval_cli_runs_the_local_tasks_offline(demo_family, demo_env, tmp_pat
         "--limit", "20",
         "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
-    run = subprocess.run(command, cwd=REPO, env=demo_env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, check=False, cwd=REPO, env=demo_env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     (results_file,) = (tmp_path / "out").rglob("results_*.json")
     assert json.loads(results_file.read_text())["results"]["skill_reverse"]["exact_match,none"] >= 0.9

@@ -6,15 +6,14 @@ The sources are uploaded to the LocalHub and downloaded from it with snapshot_do
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-from demo_family_fixtures import demo_env, demo_family, demo_family_rebuild  # noqa: F401
-from evaluate_publish_fixtures import EVALS, REPO, mlflow_store, mlflow_template  # noqa: F401
+from evaluate_publish_helpers import EVALS, REPO
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from mlflow import MlflowClient
+from pipeline_helpers import folder_bytes, hub_online, push
 from typer.testing import CliRunner
 
 from flows.evaluate_publish import evaluate_track_publish
@@ -24,11 +23,13 @@ from merge_ops.plan import plan_merge
 from merge_ops.recipe import load_recipe
 from mergeflow.cli import app
 from mergeflow.local_hub import LocalHub
-from pipeline_helpers import folder_bytes, hub_online, push
 from tasks.evaluation import EvalSettings
 from tasks.gate import GatePolicy
 from tasks.publish import PublishTarget
 from tasks.sources import ResolvedSource
+
+# Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
+pytest_plugins = ["demo_family_fixtures", "evaluate_publish_fixtures"]
 
 EVALUATION = EvalSettings(tasks=["skill_add", "skill_reverse"], include_path=EVALS, limit=40, batch_size=32, dtype="float32")
 PUBLISHED = "mergeflow/skills-ta"
@@ -67,7 +68,7 @@ def run_flow(merged_from_hub, tmp_path: Path, **overrides: object):
 
 
 def test_passing_gate_publishes_and_tracks_lineage(prefect_api: str, mlflow_store: str, merged_from_hub, tmp_path: Path) -> None:
-    hub, api, recipe, sources, merged, commits = merged_from_hub
+    hub, api, _, _, merged, commits = merged_from_hub
     result = run_flow(merged_from_hub, tmp_path)
     assert result.outcome == "published" and result.gate.passed, result.gate.reasons
     # The merge combines the skills: on each task near its best source, on average above both.
@@ -129,4 +130,6 @@ def test_failing_gate_publishes_nothing(prefect_api: str, mlflow_store: str, mer
     assert run.data.metrics["gate/passed"] == 0.0
     gate_json = client.download_artifacts(run.info.run_id, "gate.json", str(tmp_path))
     assert '"passed": false' in Path(gate_json).read_text()
-    shutil.rmtree(tmp_path / "hf_home", ignore_errors=True)
+
+    kept = run_flow(merged_from_hub, tmp_path, gate=strict, publish=None, fail_on_gate=False)
+    assert (kept.outcome, kept.published, kept.gate.passed) == ("gate_failed", None, False) and kept.merged.cached

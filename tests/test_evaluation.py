@@ -7,11 +7,13 @@ from pathlib import Path
 
 import lm_eval
 import pytest
-from demo_family_fixtures import demo_env, demo_family, demo_family_rebuild  # noqa: F401
-from evaluate_publish_fixtures import EVALS
+from evaluate_publish_helpers import EVALS
 
 from merge_ops.errors import EvaluationError
 from tasks.evaluation import evaluate_model, model_content_hash
+
+# Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
+pytest_plugins = ["demo_family_fixtures"]
 
 TASKS = ["skill_add", "skill_reverse"]
 LIMIT = 20

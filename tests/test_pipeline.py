@@ -68,6 +68,7 @@ def test_pipeline_from_hub(prefect_api: str, sharded_bf16_family: dict[str, Path
     assert len(summary.shards) >= 8 and summary.resumed == []
     assert {s.repo_id: s.commit_sha for s in summary.sources} == {f"mergeflow/{n}": sha for n, sha in shas.items()}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".merged")) == []  # staging renamed away
+    assert summary.compatibility is not None and len(summary.compatibility.weight_space) == 2
 
     report = artifact("merge-summary")
     for name, sha in shas.items():

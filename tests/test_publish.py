@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from evaluate_publish_fixtures import fake_eval, hub_lineage
+from evaluate_publish_helpers import fake_eval, hub_lineage
 from huggingface_hub import HfApi, ModelCard, snapshot_download
+from pipeline_helpers import folder_bytes, hub_online
 from prefect import flow
 
 from merge_ops import settings
@@ -16,9 +17,14 @@ from merge_ops.errors import MergeflowError, PublishError
 from merge_ops.plan import plan_merge
 from merge_ops.recipe import load_recipe
 from mergeflow.local_hub import LocalHub
-from pipeline_helpers import folder_bytes, hub_online
 from tasks.lineage import SourceRecord
-from tasks.publish import CARD_MARK, PublishTarget, hub_card, publish_model, publish_model_task, write_hub_card
+from tasks.publish import (
+    CARD_MARK,
+    PublishTarget,
+    publish_model,
+    publish_model_task,
+    write_hub_card,
+)
 
 REPO_ID = "mergeflow/tiny-ties"
 

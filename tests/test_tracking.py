@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from evaluate_publish_fixtures import fake_eval, hub_lineage, mlflow_store, mlflow_template  # noqa: F401
+from evaluate_publish_helpers import fake_eval, hub_lineage
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
@@ -21,7 +21,17 @@ from tasks.compatibility import CompatibilityReport, Finding
 from tasks.evaluation import EvalSettings
 from tasks.gate import GateDecision, GatePolicy
 from tasks.publish import Published
-from tasks.tracking import MergeStats, flatten, lineage, metric_name, record_outcome, resolve_tracking_uri, track_run
+from tasks.tracking import (
+    MergeStats,
+    flatten,
+    lineage,
+    metric_name,
+    record_outcome,
+    resolve_tracking_uri,
+    track_run,
+)
+
+pytest_plugins = ["evaluate_publish_fixtures"]  # a plugin: the template database is made once per session
 
 REPO = Path(__file__).resolve().parents[1]
 SCORES = {"merged": {"skill_add": 0.6, "skill_reverse": 0.85}, "ft_a": {"skill_add": 0.8, "skill_reverse": 0.0},
@@ -169,7 +179,7 @@ def test_lineage_has_hashes_git_and_the_dvc_hash_under_dvc(merged, tmp_path: Pat
     sources = [SourceRecord(key="ft_a", path=str(folder.parent / "ft_a"))]
     monkeypatch.chdir(REPO)
     plain = collect_lineage(folder, recipe=recipe, sources=sources)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert plain.git_commit == head and plain.dvc_hash is None and plain.prefect_flow_run_id is None
     assert plain.output_hash == model_content_hash(folder) and plain.method == "ties"
     assert plain.recipe_sha256 == plan_merge(load_recipe(recipe), recipe_text=recipe.read_text()).recipe_sha256

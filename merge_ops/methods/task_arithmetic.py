@@ -73,8 +73,8 @@ def combine_task_vectors(
             weighted.append(delta * weights[i])
         stacked = torch.stack(weighted)
         if consensus:
-            positive = stacked.sum(dim=0) >= 0
-            agree = torch.where(positive, stacked > 0, stacked < 0).to(dtype)
+            majority = (stacked.sum(dim=0) >= 0).to(dtype) * 2 - 1
+            agree = ((stacked * majority) > 0).to(dtype)  # same non-zero sign as the majority
             mixed = (stacked * agree).sum(dim=0)
             divisor = (agree * weights.view(-1, 1)).sum(dim=0)
             divisor[divisor == 0] = 1

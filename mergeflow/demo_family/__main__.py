@@ -8,9 +8,8 @@ from mergeflow.demo_family.build import build_family
 parser = argparse.ArgumentParser(prog="python -m mergeflow.demo_family", description=__doc__)
 parser.add_argument("out", type=Path, help="the family's folder")
 parser.add_argument("--force", action="store_true", help="rebuild even when the cached family is current")
-parser.add_argument("--workers", type=int, default=2, help="fine-tunes trained at once (processes)")
 args = parser.parse_args()
-summary = build_family(args.out, force=args.force, workers=args.workers)
+summary = build_family(args.out, force=args.force)
 state = "cached" if summary.cached else "built"
 print(f"{state} in {summary.seconds:.1f}s, key {summary.key[:12]}")
 for name, folder in summary.models.items():

@@ -22,23 +22,30 @@ import os
 import shutil
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
-from multiprocessing import get_context
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergeflow.demo_family.skills import SKILLS, pretraining_item
 from mergeflow.demo_family.tokenizer import build_tokenizer, save_tokenizer
-from mergeflow.demo_family.training import ModelShape, TrainSettings, accuracy, new_model, train
+from mergeflow.demo_family.training import (
+    ModelShape,
+    TrainSettings,
+    accuracy,
+    deterministic_cpu,
+    new_model,
+    train,
+)
 
 MARKER = "family.json"
 BASE = "base"
 _LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
 
 
+_BASE = TrainSettings(steps=600, learning_rate=3e-3, weight_decay=0.01, seed=0)
 _FINETUNE = TrainSettings(steps=300, learning_rate=1e-3, freeze_embeddings=True, replay=0.1, seed=1)
 
 
@@ -52,9 +59,9 @@ def _measured_finetunes() -> dict[str, TrainSettings]:
 class FamilySettings:
     """What the family is made of; every field goes into the cache key."""
 
-    shape: ModelShape = ModelShape()
+    shape: ModelShape = field(default_factory=ModelShape)
     init_seed: int = 0
-    base: TrainSettings = TrainSettings(steps=600, learning_rate=3e-3, weight_decay=0.01, seed=0)
+    base: TrainSettings = field(default_factory=lambda: _BASE)
     finetunes: dict[str, TrainSettings] = field(default_factory=_measured_finetunes)
     """One fine-tune per skill (a name in ``skills.SKILLS``), in this order."""
 
@@ -81,17 +88,13 @@ def family_key(settings: FamilySettings) -> str:
     return digest.hexdigest()
 
 
-def build_family(
-    out_dir: Path, *, force: bool = False, settings: FamilySettings | None = None, workers: int = 2
-) -> FamilySummary:
+def build_family(out_dir: Path, *, force: bool = False, settings: FamilySettings | None = None) -> FamilySummary:
     """Build (or reuse) the demo family in ``out_dir``.
 
     Args:
         out_dir: the family's folder; created, or replaced when it holds an older family.
         force: rebuild even when ``out_dir`` already holds a family with the same key.
         settings: what to build; the defaults are the measured family.
-        workers: fine-tunes trained at once, each in its own single-threaded process. The files
-            do not depend on it.
 
     Raises:
         FileExistsError: ``out_dir`` exists, is not empty and holds no family (no family.json).
@@ -118,7 +121,8 @@ def build_family(
     staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
-        _build_into(staging, settings, workers=workers)
+        with deterministic_cpu():
+            _build_into(staging, settings)
         (staging / MARKER).write_text(json.dumps({"key": key, "models": list(names)}, indent=2) + "\n")
         _replace(out_dir, staging)
     finally:
@@ -139,7 +143,7 @@ def _summary(out_dir: Path, key: str, names: tuple[str, ...], *, cached: bool, s
 def _replace(out_dir: Path, staging: Path) -> None:
     """Swap the finished ``staging`` folder in for ``out_dir`` (two renames)."""
     if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         out_dir.rename(old)
         staging.rename(out_dir)
         shutil.rmtree(old)
@@ -147,25 +151,22 @@ def _replace(out_dir: Path, staging: Path) -> None:
         staging.rename(out_dir)
 
 
-def _build_into(folder: Path, settings: FamilySettings, *, workers: int) -> None:
+def _build_into(folder: Path, settings: FamilySettings) -> None:
+    """Train and save the base, then each fine-tune, one after the other (on one thread).
+
+    (Fine-tunes in parallel processes were slower on the shared 2-core machine: 127 s vs 88 s.)
+    """
     tokenizer = build_tokenizer()
     base = new_model(settings.shape, tokenizer, seed=settings.init_seed)
     train(base, tokenizer, pretraining_item, settings.base)
     scores = {name: accuracy(base, tokenizer, SKILLS[name].test_items()) for name in settings.finetunes}
     _save(folder / BASE, base, tokenizer, _card_base(settings, scores))
-    jobs = [(folder, settings, skill) for skill in settings.finetunes]
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-            list(pool.map(_finetune, *zip(*jobs, strict=True)))
-    else:
-        for job in jobs:
-            _finetune(*job)
+    for skill in settings.finetunes:
+        _finetune(folder, settings, skill)
 
 
 def _finetune(folder: Path, settings: FamilySettings, skill: str) -> None:
-    """Fine-tune ``folder/base`` on ``skill`` into ``folder/skill`` (runs in a worker process)."""
-    from transformers import LlamaForCausalLM
-
+    """Fine-tune ``folder/base`` on ``skill`` into ``folder/skill``."""
     tokenizer = build_tokenizer()
     model = LlamaForCausalLM.from_pretrained(folder / BASE)
     train(model, tokenizer, SKILLS[skill].train_item, settings.finetunes[skill], replay_sample=pretraining_item)
@@ -173,7 +174,7 @@ def _finetune(folder: Path, settings: FamilySettings, skill: str) -> None:
     _save(folder / skill, model, tokenizer, _card_skill(settings, skill, score))
 
 
-def _save(folder: Path, model, tokenizer, card: str) -> None:
+def _save(folder: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, card: str) -> None:
     model.save_pretrained(folder)
     save_tokenizer(tokenizer, folder)
     (folder / "README.md").write_text(card)

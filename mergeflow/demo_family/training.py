@@ -1,7 +1,7 @@
 """Tiny LlamaForCausalLM training, deterministic bit for bit on CPU.
 
-Determinism: one torch thread, ``torch.manual_seed`` before the weights are initialised, a
-``random.Random(seed)`` for the data, ``torch.use_deterministic_algorithms(True)``, no dropout. The
+Determinism (``deterministic_cpu``): one torch thread, ``torch.manual_seed`` before the weights are
+initialised, a ``random.Random(seed)`` for the data, ``torch.use_deterministic_algorithms(True)``, no dropout. The
 same settings give the same safetensors bytes run to run on the same torch build.
 
 Loss is on the answer tokens only (answer, newline, ``</s>``): the prompt is the condition.
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,20 @@ class TrainSettings:
     """Leave embed_tokens and lm_head as they are (fine-tunes): task vectors then live in the layers."""
     replay: float = 0.0
     """Fraction of each batch drawn from the base's pre-training mixture (fine-tunes)."""
+
+
+@contextmanager
+def deterministic_cpu() -> Iterator[None]:
+    """One torch thread, deterministic algorithms and a forked global RNG; the caller's come back after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def new_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, *, seed: int) -> LlamaForCausalLM:
@@ -102,9 +117,9 @@ def train(
         sample: draws one training item from the given rng.
         settings: steps, learning rate, freezing and replay.
         replay_sample: draws one pre-training item; used for ``settings.replay`` of each batch.
+
+    Run it inside ``deterministic_cpu()`` for the same bytes every time.
     """
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     frozen = ("model.embed_tokens.weight", "lm_head.weight") if settings.freeze_embeddings else ()
@@ -148,9 +163,7 @@ def greedy_answers(
     for start in range(0, len(prompts), 256):
         chunk = prompts[start : start + 256]
         batch = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(
-            **batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
+        out = model.generate(**batch, max_new_tokens=max_new, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         answers += [text.split("\n", 1)[0] for text in texts]
     return answers
