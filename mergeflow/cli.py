@@ -143,6 +143,46 @@ def merge(
     )
 
 
+@app.command()
+@friendly_errors
+def demo(
+    workdir: Annotated[Path, typer.Argument(help="Where the demo writes everything (family, Hub storage, merged model).")] = Path("outputs"),
+) -> None:
+    """Run the whole pipeline on the embedded default: the offline skills family and a local Hub server.
+
+    Builds the family (cached), starts a Hub-compatible server on 127.0.0.1, pushes the family to it, then
+    downloads two skill models from it, checks and merges them, evaluates with lm-eval, tracks in MLflow,
+    gates and publishes the merge.
+    """
+    from flows.demo import demo as demo_flow
+    from mergeflow.local_hub import LocalHub
+
+    workdir = workdir.absolute()
+    with LocalHub(workdir / "hub") as hub:
+        console.print(f"local Hub server: {hub.endpoint} (storage {workdir / 'hub'})")
+        result = demo_flow(workdir=workdir, endpoint=hub.endpoint)
+    evaluation = result.evaluation
+    table = Table(title="scores (primary metric per task)")
+    table.add_column("model")
+    rows = {"merged": evaluation.merged.scores, **{name: r.scores for name, r in evaluation.sources.items()}}
+    tasks = list(rows["merged"])
+    for task in tasks:
+        table.add_column(task, justify="right")
+    for name, scores in rows.items():
+        table.add_row(name, *(f"{scores[t]:.3f}" if t in scores else "-" for t in tasks))
+    Console().print(table)
+    gate = "passed" if evaluation.gate.passed else "failed: " + "; ".join(evaluation.gate.reasons)
+    published = evaluation.published
+    Console().print(
+        f"gate {gate}\n"
+        f"merged model: {result.merge.out}\n"
+        + (f"published: {published.url} (commit {published.commit_sha})\n" if published else "not published\n")
+        + f"MLflow run {evaluation.run.run_id}, model {evaluation.run.model_name} v{evaluation.run.model_version}: "
+        f"mlflow ui --backend-store-uri {evaluation.run.tracking_uri}\n"
+        f"lineage: .venv/bin/mergeflow lineage {evaluation.run.model_name}"
+    )
+
+
 @app.command("demo-models")
 def demo_models(
     out: Path,
