@@ -4,7 +4,7 @@ Synthesises (once, cached under bench/.cache) a base and two fine-tunes shaped l
 (vocab 32000, hidden 2048, 22 layers, 1 GB shards with an index), measures the I/O floor (read
 every input byte a method needs + write the output's size, with fsync), and times
 ``mergeflow merge`` for each method in a fresh process: wall time, peak RSS, ratio to the floor,
-median of --runs runs. Pass --mergekit PATH/TO/mergekit-yaml to time mergekit on the same inputs.
+median of --runs runs, each after a sync. Pass --mergekit PATH/TO/mergekit-yaml to time mergekit on the same inputs.
 
     .venv/bin/python bench/merge_bench.py --runs 3
 """
@@ -180,7 +180,9 @@ def main() -> None:
             for _ in range(args.runs):
                 out = args.cache / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
+                os.sync()  # neither measurement pays for the previous one's writeback
                 floors.append(io_floor(files, out_bytes, args.cache / "floor.bin"))
+                os.sync()
                 wall, peak = timed(command(out))
                 walls.append(wall)
                 rss.append(peak)

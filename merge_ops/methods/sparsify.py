@@ -1,7 +1,7 @@
 """Sparsifiers for task vectors: each decides, block by block, which delta entries to keep.
 
 A sparsifier first ``prepare``s on the whole delta (given as a re-iterable of flat blocks), then
-hands out the ``mask`` of each consecutive block; ``reset`` rewinds it to the first block.
+hands out the ``mask`` of each consecutive block, in order.
 Random sparsifiers draw masks on the CPU from their own seeded generator, so a mask is the
 same on every device, worker and process.
 """

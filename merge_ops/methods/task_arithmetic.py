@@ -12,20 +12,23 @@ from merge_ops.methods.declaration import PerModel, merge_method
 
 class Sparsifier(Protocol):
     def prepare(self, deltas: "object", shape: torch.Size) -> None: ...
-    def reset(self) -> None: ...
     def mask(self, delta: Tensor) -> Tensor | None: ...
 
 
-def _l1_rescale(sparsifier: Sparsifier, deltas: "object") -> float:
-    """mergekit's rescale: the factor that gives the kept entries the delta's full L1 norm."""
+def _l1_rescale(sparsifier: Sparsifier, deltas: "object") -> tuple[float, list[Tensor | None]]:
+    """mergekit's rescale factor (the kept entries get the delta's full L1 norm), and the masks it drew.
+
+    The masks are kept (one byte per element) so that merging reuses them instead of drawing them again.
+    """
     total = kept = 0.0
+    masks = []
     for delta in deltas():
         mask = sparsifier.mask(delta)
         magnitude = delta.abs()
         total += float(magnitude.sum(dtype=torch.float32))
         kept += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float32))
-    sparsifier.reset()
-    return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
+        masks.append(mask)
+    return (total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0), masks
 
 
 def combine_task_vectors(
@@ -53,19 +56,21 @@ def combine_task_vectors(
         return base.to(dtype)
     base_flat, inputs = flat(base), [flat(x) for x in tensors]
     scales = [1.0] * len(tensors)
+    drawn: list[list[Tensor | None] | None] = [None] * len(tensors)
     for i, sparsifier in enumerate(sparsifiers or []):
         deltas = lambda x=inputs[i]: (x[s].to(dtype) - base_flat[s].to(dtype) for s in block_slices(base.numel()))  # noqa: E731
         sparsifier.prepare(deltas, base.shape)
         if rescale:
-            scales[i] = _l1_rescale(sparsifier, deltas)
+            scales[i], drawn[i] = _l1_rescale(sparsifier, deltas)
     out = torch.empty_like(base_flat, dtype=dtype)
     weights = torch.tensor(weight, dtype=dtype)  # in the working dtype, as mergekit does
-    for s in block_slices(base.numel()):
+    for b, s in enumerate(block_slices(base.numel())):
         base_block = base_flat[s].to(dtype)
         weighted = []
         for i, x in enumerate(inputs):
             delta = x[s].to(dtype) - base_block
-            mask = sparsifiers[i].mask(delta) if sparsifiers else None
+            masks = drawn[i]
+            mask = masks[b] if masks is not None else sparsifiers[i].mask(delta) if sparsifiers else None
             if mask is not None:
                 delta *= mask
             if scales[i] != 1.0:
