@@ -36,6 +36,7 @@ from mergeflow.demo_family.build import build_family
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"
+CACHE_EVALS = REPO / "bench" / ".cache" / "eval"
 RECIPES = REPO / "recipes"
 SKILL_TASKS = ("skill_add", "skill_reverse", "skill_cipher")
 PAIR_GROUP = "skills_add_reverse"
@@ -47,21 +48,11 @@ StateDict = dict[str, torch.Tensor]
 
 
 def evaluate(model_dir: Path, tasks: list[str]) -> dict[str, float]:
-    """lm-eval exact match of ``model_dir`` on ``tasks`` (tasks and groups), offline."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    """lm-eval exact match of ``model_dir`` on ``tasks`` (tasks and groups), offline, via the pipeline's evaluator."""
+    from tasks.evaluation import evaluate_model
 
-    results = simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_dir},dtype=float32",
-        tasks=tasks,
-        task_manager=TaskManager(include_path=str(EVALS), include_defaults=False),
-        batch_size=32,
-        bootstrap_iters=0,
-        device="cpu",
-        verbosity="ERROR",
-    )
-    return {name: float(metrics["exact_match,none"]) for name, metrics in results["results"].items()}
+    result = evaluate_model(model_dir, tasks=tasks, include_path=EVALS, batch_size=32, dtype="float32", cache_dir=CACHE_EVALS)
+    return result.scores
 
 
 # --- reference merge math (per tensor, float32) --------------------------------------------------
