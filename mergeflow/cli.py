@@ -5,7 +5,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Optional, TypeVar
+from typing import Annotated, Optional
 
 import torch
 import typer
@@ -14,32 +14,29 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from merge_ops.engine import Piece, check_device, merge_model
-from merge_ops.errors import MergeflowError, OutputExistsError
+from merge_ops.errors import OutputExistsError
 from merge_ops.methods.registry import METHODS
 from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
 from merge_ops.recipe import load_recipe
-from merge_ops import settings
+from merge_ops import settings, sizes
+from mergeflow.console_errors import console, friendly_errors
+from mergeflow.stage_cli import stage_app
 
 app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., object])
 
 ShardSize = Annotated[str, typer.Option("--shard-size", help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
 ComputeDtype = Annotated[
     str,
     typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
 ]
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def parse_size(text: str) -> int:
     """``"5GB"`` -> 5000000000."""
-    number = text.strip().upper().rstrip("S")
-    unit = next((u for u in sorted(UNITS, key=len, reverse=True) if u and number.endswith(u)), "")
     try:
-        return int(float(number[: len(number) - len(unit)]) * UNITS[unit])
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a size; write e.g. 5GB, 500MB or 2GiB") from None
+        return sizes.parse_size(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def human(nbytes: float) -> str:
@@ -48,22 +45,6 @@ def human(nbytes: float) -> str:
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
         nbytes /= 1000
     return ""
-
-
-def friendly_errors(fn: F) -> F:
-    """Turn mergeflow errors into one red message and exit code 1 (tracebacks with MERGEFLOW_DEBUG=1)."""
-
-    def run(*args: object, **kwargs: object) -> object:
-        try:
-            return fn(*args, **kwargs)
-        except MergeflowError as err:
-            if settings.DEBUG:
-                raise
-            console.print(f"[red]error:[/red] {err}", highlight=False)
-            raise typer.Exit(1) from None
-
-    run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
-    return run  # type: ignore[return-value]
 
 
 def _plan(recipe_path: Path, shard_size: str, compute_dtype: str) -> MergePlan:
@@ -145,42 +126,17 @@ def merge(
 
 @app.command()
 @friendly_errors
-def demo(
-    workdir: Annotated[Path, typer.Argument(help="Where the demo writes everything (family, Hub storage, merged model).")] = Path("outputs"),
-) -> None:
-    """Run the whole pipeline on the embedded default: the offline skills family and a local Hub server.
+def demo() -> None:
+    """Run the DVC pipeline (dvc.yaml) on the embedded default, then show the scores and where to look.
 
-    Builds the family (cached), starts a Hub-compatible server on 127.0.0.1, pushes the family to it, then
-    downloads two skill models from it, checks and merges them, evaluates with lm-eval, tracks in MLflow,
-    gates and publishes the merge.
+    family (built offline, cached) -> merge (a local Hub server: push, download, check, merge the shards) ->
+    evaluate (lm-eval) -> publish (card, MLflow run, gate, Hub). Run it in the project folder; stages whose
+    inputs did not change are skipped.
     """
-    from flows.demo import demo as demo_flow
-    from mergeflow.local_hub import LocalHub
+    from mergeflow.demo_report import print_demo_report, run_dvc_repro
 
-    workdir = workdir.absolute()
-    with LocalHub(workdir / "hub") as hub:
-        console.print(f"local Hub server: {hub.endpoint} (storage {workdir / 'hub'})")
-        result = demo_flow(workdir=workdir, endpoint=hub.endpoint)
-    evaluation = result.evaluation
-    table = Table(title="scores (primary metric per task)")
-    table.add_column("model")
-    rows = {"merged": evaluation.merged.scores, **{name: r.scores for name, r in evaluation.sources.items()}}
-    tasks = list(rows["merged"])
-    for task in tasks:
-        table.add_column(task, justify="right")
-    for name, scores in rows.items():
-        table.add_row(name, *(f"{scores[t]:.3f}" if t in scores else "-" for t in tasks))
-    Console().print(table)
-    gate = "passed" if evaluation.gate.passed else "failed: " + "; ".join(evaluation.gate.reasons)
-    published = evaluation.published
-    Console().print(
-        f"gate {gate}\n"
-        f"merged model: {result.merge.out}\n"
-        + (f"published: {published.url} (commit {published.commit_sha})\n" if published else "not published\n")
-        + f"MLflow run {evaluation.run.run_id}, model {evaluation.run.model_name} v{evaluation.run.model_version}: "
-        f"mlflow ui --backend-store-uri {evaluation.run.tracking_uri}\n"
-        f"lineage: .venv/bin/mergeflow lineage {evaluation.run.model_name}"
-    )
+    run_dvc_repro(Path.cwd(), console)
+    print_demo_report(Path.cwd(), Console())
 
 
 @app.command("demo-models")
@@ -361,6 +317,9 @@ def lineage(
         else:
             merged.add(f"not published ({v.outcome or 'no outcome recorded'})")
     Console(width=200).print(root, highlight=False)
+
+
+app.add_typer(stage_app, name="stage")
 
 
 def main() -> None:

@@ -130,6 +130,18 @@ def build_family(out_dir: Path, *, force: bool = False, settings: FamilySettings
     return _summary(out_dir, key, names, cached=False, started=started)
 
 
+def family_models(out_dir: Path) -> dict[str, Path]:
+    """The model folders of the family built in ``out_dir``, by name (no build).
+
+    Raises:
+        FileNotFoundError: no family there (``mergeflow demo-models OUT`` builds one).
+    """
+    marker = Path(out_dir) / MARKER
+    if not marker.is_file():
+        raise FileNotFoundError(f"no demo family in {out_dir} ({MARKER} missing): build it with `mergeflow demo-models {out_dir}`")
+    return {name: Path(out_dir) / name for name in json.loads(marker.read_text())["models"]}
+
+
 def _summary(out_dir: Path, key: str, names: tuple[str, ...], *, cached: bool, started: float) -> FamilySummary:
     return FamilySummary(
         root=out_dir,

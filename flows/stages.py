@@ -1,0 +1,90 @@
+"""The DVC stages of dvc.yaml as flows: merge -> evaluate -> publish (the family stage is ``mergeflow demo-models``).
+
+Each reads its settings from params.yaml and writes only what dvc.yaml declares, plus logs under
+``outputs/logs``. ``mergeflow stage merge|evaluate|publish`` runs them; ``dvc repro`` runs those commands.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, unmapped
+
+from flows.evaluate_publish import EvaluatePublishResult, evaluate_track_publish
+from flows.merge_pipeline import merge_pipeline
+from tasks.evaluation import EvalSettings, evaluate_model_task
+from tasks.publish import PublishTarget
+from tasks.sources import ResolvedSource, download_model
+from tasks.stage_params import MergeParams, PublishParams
+from tasks.stage_records import (
+    make_release,
+    read_merge_stats,
+    read_sources_record,
+    write_merge_log,
+    write_outcome,
+    write_recipe_variant,
+    write_scores,
+    write_sources_record,
+)
+from tasks.summary import RunSummary
+
+
+@flow(name="merge_stage", flow_run_name="dvc-merge")
+def merge_stage(
+    params_file: Path, out: Path, recipe_out: Path, sources_out: Path, log_out: Path,
+    endpoint: str | None = None, cache_dir: Path | None = None, rename: dict[str, str] | None = None,
+) -> RunSummary:
+    """Merge the recipe of ``merge:`` (with its overrides) into ``out``; record the recipe and the pinned sources.
+
+    Args:
+        rename: model reference prefixes to replace in the recipe, e.g. ``{"demo-family/": "demo/"}`` to read
+            the demo family's folders as the Hub repos it was pushed to (the embedded default).
+    """
+    # The recipe as merged, then the merge pipeline (download -> check -> shards -> finalize)
+    params = MergeParams.from_params(params_file)
+    recipe = write_recipe_variant(params, recipe_out, rename)
+    summary = merge_pipeline(
+        recipe=recipe, out=out, shard_size=params.shard_size, compute_dtype=params.compute_dtype, force=True,
+        endpoint=endpoint, cache_dir=cache_dir,
+    )
+    write_sources_record(summary.sources, sources_out)
+    write_merge_log(summary, log_out)
+    return summary
+
+
+def _sources(sources_file: Path, endpoint: str | None, cache_dir: Path | None) -> list[ResolvedSource]:
+    """The merge stage's pinned sources, downloaded again where this workspace lacks them (after ``dvc pull``)."""
+    return download_model.map(read_sources_record(sources_file), unmapped(endpoint), unmapped(cache_dir)).result()
+
+
+@flow(name="evaluate_stage", flow_run_name="dvc-evaluate")
+def evaluate_stage(
+    params_file: Path, merged: Path, sources_file: Path, metrics_out: Path, plot_out: Path,
+    endpoint: str | None = None, cache_dir: Path | None = None,
+) -> dict[str, object]:
+    """Evaluate the merged model and every source with the ``eval:`` settings; write DVC metrics and plot data."""
+    evaluation = EvalSettings.from_params(params_file)
+    sources = _sources(sources_file, endpoint, cache_dir)
+    merged_result = evaluate_model_task(merged, evaluation, "merged")
+    results = {s.key: evaluate_model_task(s.path, evaluation, s.key) for s in sources if s.path}
+    return write_scores(merged_result, results, metrics_out, plot_out)
+
+
+@flow(name="publish_stage", flow_run_name="dvc-publish")
+def publish_stage(
+    params_file: Path, merged: Path, recipe: Path, sources_file: Path, release: Path, outcome_out: Path, log_file: Path,
+    endpoint: str | None = None, cache_dir: Path | None = None,
+) -> EvaluatePublishResult:
+    """Card -> MLflow run -> gate -> publish (``publish:``, ``gate:``), on a release copy of the merged model.
+
+    A failed gate is recorded (MLflow, ``outcome_out``) and publishes nothing; the stage still succeeds.
+    """
+    target = PublishParams.from_params(params_file)
+    sources = _sources(sources_file, endpoint, cache_dir)
+    folder = make_release(merged, release)
+    result = evaluate_track_publish(
+        merged_dir=folder, recipe=recipe, sources=sources, stats=read_merge_stats(log_file), params_file=params_file,
+        publish=PublishTarget(repo_id=target.repo, private=target.private, endpoint=endpoint) if target.repo else None,
+        model_name=(target.repo or recipe.stem).split("/")[-1], fail_on_gate=False,
+    )
+    write_outcome(result.outcome, result.gate, result.published, outcome_out)
+    return result

@@ -1,0 +1,152 @@
+"""What the DVC stages hand each other (dvc.yaml): the recipe as merged, the pinned sources, scores, the release.
+
+Every file a stage declares as an output is a function of its inputs only (no times, no absolute paths),
+so ``dvc repro`` on another clone records the same hashes. Timings go to ``outputs/logs`` (not versioned).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from merge_ops.recipe_variants import vary_recipe
+from tasks.evaluation import EvalResult
+from tasks.gate import GateDecision
+from tasks.publish import Published
+from tasks.sources import ResolvedSource
+from tasks.stage_params import MergeParams
+from tasks.summary import RunSummary
+from tasks.tracking import MergeStats
+
+_NO_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+    return path
+
+
+def _relative(path: Path | None) -> str | None:
+    """``path`` relative to the working directory when it lies under it (the repository root under DVC)."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(Path.cwd().resolve())) if resolved.is_relative_to(Path.cwd().resolve()) else str(resolved)
+
+
+@task(name="write_recipe_variant", **_NO_CACHE)
+def write_recipe_variant(params: MergeParams, out: Path, rename: dict[str, str] | None = None) -> Path:
+    """The recipe of ``params`` with its method and parameter overrides applied, written to ``out``.
+
+    ``rename`` replaces model reference prefixes, e.g. ``{"demo-family/": "demo/"}`` to read the demo
+    family's local folders as Hub repos.
+    """
+    variant = vary_recipe(yaml.safe_load(params.recipe.read_text()), method=params.method, parameters=params.parameters, source=str(params.recipe))
+    text = variant.yaml()
+    for old, new in (rename or {}).items():
+        text = text.replace(f" {old}", f" {new}")
+    vary_recipe(yaml.safe_load(text), source=str(out))  # still a valid recipe after renaming
+    note = f"# {params.recipe} with merge.method={params.method} and merge.parameters={params.parameters} (params.yaml)\n"
+    return _write(out, note + text)
+
+
+class SourcesRecord(BaseModel):
+    """The models merged, pinned: Hub repo and commit, or a folder relative to the repository root."""
+
+    sources: list[ResolvedSource]
+
+
+@task(name="write_sources_record", **_NO_CACHE)
+def write_sources_record(sources: list[ResolvedSource], out: Path) -> Path:
+    pinned = [s.model_copy(update={"path": _relative(s.path)}) for s in sources]
+    return _write(out, SourcesRecord(sources=pinned).model_dump_json(indent=2) + "\n")
+
+
+@task(name="read_sources_record", **_NO_CACHE)
+def read_sources_record(path: Path) -> list[ResolvedSource]:
+    """The sources written by the merge stage; relative folders are taken from the working directory."""
+    record = SourcesRecord.model_validate_json(Path(path).read_text())
+    return [s.model_copy(update={"path": Path(s.path).resolve() if s.path else None}) for s in record.sources]
+
+
+@task(name="write_merge_log", **_NO_CACHE)
+def write_merge_log(summary: RunSummary, out: Path) -> Path:
+    """The merge's full summary (timings included): not a DVC output, read for the MLflow stats."""
+    return _write(out, summary.model_dump_json(indent=2) + "\n")
+
+
+@task(name="read_merge_stats", **_NO_CACHE)
+def read_merge_stats(path: Path) -> MergeStats | None:
+    """Merge time and throughput from the merge stage's log, when this workspace ran it (None after ``dvc pull``)."""
+    if not Path(path).is_file():
+        return None
+    return MergeStats.from_summary(RunSummary.model_validate_json(Path(path).read_text()))
+
+
+@task(name="write_scores", **_NO_CACHE)
+def write_scores(merged: EvalResult, sources: dict[str, EvalResult], metrics_out: Path, plot_out: Path) -> dict[str, object]:
+    """DVC metrics (merged scores, mean, gain over the best source) and a per-task plot table (merged vs best source).
+
+    Scores are each task's primary metric, groups left out; the mean is over those tasks.
+    """
+    tasks = list(merged.task_scores)
+
+    def mean(result: EvalResult) -> float:
+        return sum(result.task_scores[t] for t in tasks) / len(tasks)
+
+    best = max((mean(r) for r in sources.values()), default=0.0)
+    metrics: dict[str, object] = {
+        "merged": merged.task_scores,
+        "mean": mean(merged),
+        "best_source_mean": best,
+        "gain": mean(merged) - best,
+        "sources": {key: r.task_scores for key, r in sources.items()},
+    }
+    rows = [{"task": t, "merged": merged.task_scores[t], "best_source": max((r.task_scores[t] for r in sources.values()), default=0.0)} for t in tasks]
+    _write(plot_out, json.dumps(rows, indent=2) + "\n")
+    _write(metrics_out, json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+@task(name="make_release", **_NO_CACHE)
+def make_release(merged: Path, release: Path) -> Path:
+    """A copy of ``merged`` at ``release`` for the Hub card to be written into (weights hard-linked, not copied).
+
+    The merge stage's output stays as it was; the folder appears complete or not at all.
+    """
+    staging = release.with_name(f".{release.name}.{uuid.uuid4().hex}.partial")
+    shutil.copytree(merged, staging, copy_function=lambda src, dst: os.link(src, dst) if src.endswith(".safetensors") else shutil.copy2(src, dst))
+    if release.exists():
+        shutil.rmtree(release)
+    os.replace(staging, release)
+    return release
+
+
+class Outcome(BaseModel):
+    """What the publish stage decided and did (no URL: the embedded Hub's port changes from run to run)."""
+
+    outcome: str
+    gate_passed: bool
+    gate_reasons: list[str]
+    repo_id: str | None = None
+    commit_sha: str | None = None
+
+
+@task(name="write_outcome", **_NO_CACHE)
+def write_outcome(outcome: str, decision: GateDecision, published: Published | None, out: Path) -> Path:
+    record = Outcome(
+        outcome=outcome, gate_passed=decision.passed, gate_reasons=list(decision.reasons),
+        repo_id=published.repo_id if published else None, commit_sha=published.commit_sha if published else None,
+    )
+    return _write(out, record.model_dump_json(indent=2) + "\n")
