@@ -13,13 +13,30 @@ from prefect.runtime import flow_run
 
 from flows.runners import default_task_runner
 from merge_ops.plan import DEFAULT_SHARD_SIZE
-from tasks.compatibility import check_compatibility
+from merge_ops.recipe import Recipe
+from tasks.compatibility import CompatibilityReport, check_compatibility
 from tasks.headers import read_model_headers
 from tasks.recipe import read_recipe
 from tasks.shards import finalize_model, merge_shard, plan_shards
-from tasks.sources import download_model, resolve_model
+from tasks.sources import ResolvedSource, download_model, resolve_model
 from tasks.summary import RunSummary, summarize_run
 from tasks.weight_space import check_weight_space
+
+
+def prepare_sources(
+    parsed: Recipe, recipe: Path, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None
+) -> tuple[list[ResolvedSource], CompatibilityReport]:
+    """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local."""
+    # Pin every model to a commit (Hub) or a folder (local), downloading nothing
+    resolved = resolve_model.map(parsed.referenced_models, unmapped(recipe), unmapped(endpoint)).result()
+
+    # Check compatibility from configs and safetensors headers, before any weight is downloaded
+    headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
+    report = check_compatibility(parsed, headers)
+
+    # Download the weights, then check each model is a fine-tune of the base
+    sources = download_model.map(resolved, unmapped(endpoint), unmapped(cache_dir), unmapped(extra_patterns)).result()
+    return sources, check_weight_space(parsed, report, sources)
 
 
 def _run_name() -> str:
@@ -50,17 +67,9 @@ def merge_pipeline(
         endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
     """
-    # Load the recipe; pin every model to a commit (Hub) or a folder (local), downloading nothing
+    # Load the recipe; pin, check, download and check the models again in weight space
     parsed = read_recipe(recipe)
-    resolved = resolve_model.map(parsed.referenced_models, unmapped(recipe), unmapped(endpoint)).result()
-
-    # Check compatibility from configs and safetensors headers, before any weight is downloaded
-    headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
-    report = check_compatibility(parsed, headers)
-
-    # Download the weights, then check each model is a fine-tune of the base
-    sources = download_model.map(resolved, unmapped(endpoint), unmapped(cache_dir), unmapped(extra_patterns)).result()
-    report = check_weight_space(parsed, report, sources)
+    sources, report = prepare_sources(parsed, recipe, endpoint, cache_dir, extra_patterns)
 
     # Plan into a staging folder; merge the shards in parallel (shards already there are skipped)
     staging = plan_shards(recipe, sources, out, shard_size, compute_dtype, force)

@@ -287,6 +287,71 @@ def serve(
     prefect_serve(deployment)
 
 
+# -- sweep: a grid of recipe variants, merged, evaluated, ranked; the best through the gate --------------
+
+
+@app.command()
+@friendly_errors
+def sweep(
+    recipe: Path,
+    grid: Annotated[list[str], typer.Option("--grid", help="KEY=V1,V2,...: merge methods (method=ties,dare_ties) or a recipe parameter's values (density=0.3,0.5); repeat for each key.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder of the candidates' recipes and merged models (default sweeps/RECIPE-NAME).")] = None,
+    workers: Annotated[int, typer.Option(help="Candidates merged at once.")] = settings.WORKERS,
+    publish: Annotated[Optional[str], typer.Option(help="Hub repo id: send the best candidate through the gate and publish it there if it passes.")] = None,
+    endpoint: Endpoint = None,
+    params: Annotated[Path, typer.Option("--params", help="params.yaml with the eval: and gate: sections.")] = settings.PARAMS_FILE,
+    force: Annotated[bool, typer.Option("--force", help="Merge into OUT even if it exists, replacing candidates of the same name.")] = False,
+) -> None:
+    """Merge every candidate of the grid over RECIPE, evaluate and rank them, and optionally publish the best.
+
+    The candidates are the cartesian product of the --grid values; parameters a candidate's method does not
+    have are left out (task_arithmetic has no density). Each is an MLflow child run of the sweep's run.
+    """
+    import yaml
+
+    from flows.runners import make_task_runner
+    from flows.sweep import sweep as sweep_flow
+    from merge_ops.sweep_grid import expand_grid, parse_grid
+    from tasks.sweep import mean_score
+
+    parsed = parse_grid(grid)
+    load_recipe(recipe)
+    expand_grid(yaml.safe_load(recipe.read_text()), parsed, source=str(recipe))  # grid errors before Prefect starts
+    out = out or Path("sweeps") / recipe.stem
+    if out.exists() and not force:
+        raise OutputExistsError(str(out))
+    result = sweep_flow.with_options(task_runner=make_task_runner(workers=workers))(
+        recipe=recipe.absolute(), grid=parsed, out=out.absolute(), publish_repo=publish, params_file=params, force=force, endpoint=endpoint,
+    )
+    tasks = list(dict.fromkeys(t for c in result.candidates for t in c.scores))
+    table = Table(title=f"sweep of {recipe.name}: {len(result.candidates)} candidate(s), best first (mean of each task's primary metric)")
+    table.add_column("rank", justify="right")
+    table.add_column("candidate")
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("MLflow run")
+    for c in result.candidates:
+        table.add_row(str(c.rank), c.name, *(f"{c.scores[t]:.3f}" if t in c.scores else "-" for t in tasks), f"{c.mean:.3f}", c.run_id)
+    for key, scores in result.references.items():
+        cells = [f"{scores[t]:.3f}" if t in scores else "-" for t in tasks]
+        table.add_row("", f"source {key}", *cells, f"{mean_score(scores):.3f}", "", style="dim")
+    Console().print(table)
+    outcome = result.publish
+    if outcome is None:
+        verdict = "not sent through the gate (pass --publish REPO to publish the best)"
+    elif outcome.published:
+        verdict = f"published: {outcome.published.url} (commit {outcome.published.commit_sha})"
+    else:
+        verdict = "gate failed, not published: " + "; ".join(outcome.gate.reasons)
+    Console().print(
+        f"best: {result.best.name} in {result.best.folder}; {verdict}\n"
+        f"candidates and their recipes: {result.out}\n"
+        f"MLflow parent run {result.parent_run_id}: mlflow ui --backend-store-uri {result.tracking_uri}",
+        highlight=False,
+    )
+
+
 # -- lineage, read from MLflow ----------------------------------------------------------------------
 
 

@@ -15,9 +15,9 @@ from mergeflow.console_errors import console, friendly_errors
 
 OUTPUTS = Path("outputs")
 FAMILY, HUB, MERGED, RELEASE = OUTPUTS / "demo-family", OUTPUTS / "hub", OUTPUTS / "merged", OUTPUTS / "release"
-RECIPE, SOURCES, METRICS, PLOT, OUTCOME = (
-    OUTPUTS / "recipe.yaml", OUTPUTS / "sources.json", OUTPUTS / "metrics" / "eval.json", OUTPUTS / "metrics" / "scores.json", OUTPUTS / "publish.json",
-)
+RECIPE, SOURCES = OUTPUTS / "recipe.yaml", OUTPUTS / "sources.json"
+METRICS, PLOT, OUTCOME = Path("metrics/eval.json"), Path("metrics/scores.json"), Path("metrics/publish.json")
+"""Small JSON files kept in git (not in outputs/), as DVC metrics are, so experiments carry them."""
 MERGE_LOG, HF_CACHE = OUTPUTS / "logs" / "merge-summary.json", OUTPUTS / "hf-cache"
 DEMO_NAMESPACE = "demo"
 
@@ -70,7 +70,7 @@ def merge(params: Params = Path("params.yaml")) -> None:
 @stage_app.command("evaluate")
 @friendly_errors
 def evaluate(params: Params = Path("params.yaml")) -> None:
-    """lm-eval on outputs/merged and its sources; write outputs/metrics/eval.json and scores.json."""
+    """lm-eval on outputs/merged and its sources; write metrics/eval.json and metrics/scores.json."""
     from flows.stages import evaluate_stage
 
     with hub_endpoint(params) as endpoint:
@@ -84,7 +84,7 @@ def evaluate(params: Params = Path("params.yaml")) -> None:
 @stage_app.command("publish")
 @friendly_errors
 def publish(params: Params = Path("params.yaml")) -> None:
-    """Card, MLflow run, gate and (when it passes) Hub upload of outputs/release; the outcome in outputs/publish.json."""
+    """Card, MLflow run, gate and (when it passes) Hub upload of outputs/release; the outcome in metrics/publish.json."""
     from flows.stages import publish_stage
 
     with hub_endpoint(params) as endpoint:

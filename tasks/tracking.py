@@ -233,7 +233,7 @@ def _metrics(merged: EvalResult, sources: dict[str, EvalResult], aliases: dict[s
     return values
 
 
-def _log_batches(mlflow: MlflowClient, run_id: str, *, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str]) -> None:
+def log_batches(mlflow: MlflowClient, run_id: str, *, params: dict[str, str], metrics: dict[str, float], tags: dict[str, str]) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
@@ -304,7 +304,7 @@ def track_run(
             if stats.plan_sha256:
                 params["plan_sha256"] = stats.plan_sha256
             metrics = _metrics(merged, sources, aliases, stats, lineage.output_bytes)
-            _log_batches(mlflow, run_id, params=params, metrics=metrics, tags=tags)
+            log_batches(mlflow, run_id, params=params, metrics=metrics, tags=tags)
             _log_artifacts(mlflow, run_id, merged_dir=merged_dir, recipe=recipe, lineage=lineage, merged=merged,
                            sources=sources, aliases=aliases, chart=chart, compatibility=compatibility)
             version = _register(mlflow, name, run_id=run_id, source=f"{run.info.artifact_uri}/model", tags=lineage_tags(lineage))
@@ -371,7 +371,7 @@ def record_outcome(run: TrackedRun, *, decision: GateDecision, published: Publis
         tags.update({f"{TAG}hub.repo_id": published.repo_id, f"{TAG}hub.commit": published.commit_sha, f"{TAG}hub.url": published.url})
     mlflow = client(run.tracking_uri)
     with refusals(run.tracking_uri):
-        _log_batches(mlflow, run.run_id, params={}, metrics={"gate/passed": float(decision.passed)}, tags=tags)
+        log_batches(mlflow, run.run_id, params={}, metrics={"gate/passed": float(decision.passed)}, tags=tags)
         mlflow.log_text(run.run_id, decision.model_dump_json(indent=2) + "\n", "gate.json")
         for key, value in tags.items():
             mlflow.set_model_version_tag(run.model_name, run.model_version, key, value[:5000])
@@ -409,11 +409,11 @@ def lineage(name: str, *, tracking_uri: str | None = None) -> LineageTree:
     return LineageTree(name=model.name, tracking_uri=uri, versions=found)
 
 
-_RETRY = dict(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5, retry_condition_fn=only_transient,
+MLFLOW_RETRY = dict(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5, retry_condition_fn=only_transient,
               cache_policy=NO_CACHE, persist_result=False)
 
 
-@task(name="track_run", task_run_name="track-{model_name}", **_RETRY)
+@task(name="track_run", task_run_name="track-{model_name}", **MLFLOW_RETRY)
 def track_run_task(
     merged_dir: Path, recipe: Path, lineage: Lineage, merged: EvalResult, sources: dict[str, EvalResult], evaluation: EvalSettings,
     gate: GatePolicy, model_name: str, stats: MergeStats | None = None, chart: Path | None = None,
@@ -426,7 +426,7 @@ def track_run_task(
     return run
 
 
-@task(name="record_outcome", **_RETRY)
+@task(name="record_outcome", **MLFLOW_RETRY)
 def record_outcome_task(run: TrackedRun, decision: GateDecision, published: Published | None = None, outcome: str | None = None) -> None:
     """The gate decision and Hub commit onto the MLflow run and its registered version; ends the run."""
     record_outcome(run, decision=decision, published=published, outcome=outcome)
