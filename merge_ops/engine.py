@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from merge_ops.memory import reuse_freed_memory
 from merge_ops.errors import DeviceError, OutputExistsError
 from merge_ops.methods.registry import get_method
 from merge_ops.model_folder import write_model_files
@@ -102,6 +103,7 @@ def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cp
     Reading the next piece's inputs and writing the previous result overlap the arithmetic.
     """
     dev = check_device(device)
+    reuse_freed_memory()
     shard = plan.shards[index]
     pieces = split_into_pieces(plan, index)
     specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]

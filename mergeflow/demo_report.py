@@ -49,11 +49,13 @@ def print_demo_report(project: Path, out: Console) -> None:
     )
     from tasks.tracking import resolve_tracking_uri
 
+    tools = Path(sys.executable).parent
+    tools = tools.relative_to(project) if tools.is_relative_to(project) else tools
     out.print(
         f"gate {gate}\n{published}\n"
         f"merged model with its Hub card: {RELEASE}\n"
-        f"MLflow (scores, lineage, registered versions): mlflow ui --backend-store-uri {resolve_tracking_uri()}\n"
-        f"versions of every output: dvc.lock; compare: dvc metrics show, dvc plots show, dvc exp show\n"
-        f"try a variant: dvc exp run -S merge.method=ties -S merge.parameters.density=0.5",
+        f"MLflow (scores, lineage, registered versions): {tools}/mlflow ui --backend-store-uri {resolve_tracking_uri()}\n"
+        f"versions of every output: dvc.lock; compare: {tools}/dvc metrics show | dvc plots show | dvc exp show\n"
+        f"try a variant: {tools}/dvc exp run -S merge.method=ties -S +merge.parameters.density=0.5",
         highlight=False,
     )

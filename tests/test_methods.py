@@ -529,8 +529,9 @@ def test_blockwise_magnitude_matches_a_stable_sort_on_many_ties(density: float, 
 def test_kth_largest_is_exact() -> None:
     from merge_ops.methods.blocks import kth_largest
 
-    values = torch.rand(5000, generator=gen(6)) * 100
-    ordered = values.sort(descending=True).values
-    for k in (1, 2, 777, 4999, 5000):
-        value, above = kth_largest(lambda: [values[:1234], values[1234:]], k)
-        assert value == ordered[k - 1] and above == int((values > ordered[k - 1]).sum())
+    spread = torch.rand(5000, generator=gen(6)) * 100
+    for values in (spread, spread.round()):  # distinct values, then many ties
+        ordered = values.sort(descending=True).values
+        for k in (1, 2, 777, 4999, 5000):
+            value, above, equal = kth_largest(lambda: [values[:1234], values[1234:]], k)
+            assert value == ordered[k - 1] and above == int((values > value).sum()) and equal == int((values == value).sum())

@@ -6,13 +6,35 @@ so anything drawn per block from a generator is the same on every run, device an
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 BLOCK = 1 << 20
+SAMPLE_STEP = 64
 Blocks = Callable[[], Iterable[Tensor]]
+
+
+class Differences:
+    """``values - offset`` (flattened, in ``dtype``) block by block, re-iterable, never whole in memory.
+
+    Calling it yields the blocks; ``sample()`` is every ``SAMPLE_STEP``-th entry, read without the rest.
+    """
+
+    def __init__(self, values: Tensor, offset: Tensor | None, dtype: torch.dtype) -> None:
+        self.values, self.offset, self.dtype = flat(values), None if offset is None else flat(offset), dtype
+
+    def _diff(self, index: slice) -> Tensor:
+        part = self.values[index].to(self.dtype)
+        return part if self.offset is None else part - self.offset[index].to(self.dtype)
+
+    def __call__(self) -> Iterator[Tensor]:
+        return (self._diff(s) for s in block_slices(self.values.numel()))
+
+    def sample(self) -> Tensor:
+        return self._diff(slice(None, None, SAMPLE_STEP))
 
 
 def block_slices(numel: int) -> Iterator[slice]:
@@ -33,20 +55,60 @@ def _select(histogram: Tensor, k: int) -> tuple[int, int]:
     return len(histogram) - 1 - position, int(from_top[position - 1]) if position else 0
 
 
-def kth_largest(magnitudes: Blocks, k: int) -> tuple[Tensor, int]:
-    """Exact k-th largest (k >= 1) of non-negative float32 values, and how many are strictly larger.
+def _bracket(sample: Tensor, k: int, numel: int) -> tuple[Tensor, Tensor]:
+    """Values around the k-th largest of ``numel`` values, from a uniform sample of them: a few sigma wide."""
+    m = sample.numel()
+    rank = k * m / numel
+    margin = 5 * math.sqrt(rank * (1 - rank / m) + 1) + 16
+    def at(r: float) -> Tensor:  # the r-th largest of the sample
+        return torch.kthvalue(sample, m - min(m, max(1, round(r))) + 1).values
+    return at(rank + margin), at(rank - margin)
 
-    A two-level radix select on the float bits (ordered like integers for non-negative floats):
-    two passes over the blocks, memory of two histograms, no sort.
-    """
-    high = torch.zeros(1 << 15, dtype=torch.int64)
+
+def _select_in_bracket(magnitudes: Blocks, k: int, low: Tensor, high: Tensor, limit: int) -> tuple[Tensor, int, int] | None:
+    """The k-th largest if it lies in [low, high]: one pass counting what lies above and keeping what lies
+    between (at most ``limit`` values; only counted when low == high, as with bfloat16 deltas); else None."""
+    single = bool(low == high)
+    above, inside, between = 0, 0, []
     for block in magnitudes():
-        high += torch.bincount(block.view(torch.int32) >> 16, minlength=1 << 15)
-    high_bucket, above = _select(high, k)
-    low = torch.zeros(1 << 16, dtype=torch.int64)
+        above += int(torch.count_nonzero(block > high))
+        if single:
+            inside += int(torch.count_nonzero(block == high))
+            continue
+        between.append(block[(block >= low) & (block <= high)])
+        inside += between[-1].numel()
+        if inside > limit:
+            return None
+    rank = k - above
+    if not 1 <= rank <= inside:
+        return None
+    if single:
+        return high, above, inside
+    values = torch.cat(between)
+    value = values.sort(descending=True).values[rank - 1]
+    return value, above + int(torch.count_nonzero(values > value)), int(torch.count_nonzero(values == value))
+
+
+def kth_largest(magnitudes: Blocks, k: int, sample: Tensor | None = None, numel: int = 0) -> tuple[Tensor, int, int]:
+    """Exact k-th largest (k >= 1) of non-negative float32 values, how many are strictly larger, how many equal it.
+
+    With a uniform ``sample`` of the ``numel`` values: one pass keeping the values in a bracket estimated from
+    it. Otherwise, or when the bracket misses (or holds too much, e.g. many equal values): a two-level radix
+    select on the float bits (ordered like integers for non-negative floats), two passes, no sort.
+    """
+    if sample is not None and sample.numel() >= 1024:
+        low, high = _bracket(sample, k, numel)
+        found = _select_in_bracket(magnitudes, k, low, high, limit=max(BLOCK, numel // 16))
+        if found is not None:
+            return found
+    high_hist = torch.zeros(1 << 15, dtype=torch.int64)
+    for block in magnitudes():
+        high_hist += torch.bincount(block.view(torch.int32) >> 16, minlength=1 << 15)
+    high_bucket, above = _select(high_hist, k)
+    low_hist = torch.zeros(1 << 16, dtype=torch.int64)
     for block in magnitudes():
         bits = block.view(torch.int32)
-        low += torch.bincount(bits[(bits >> 16) == high_bucket] & 0xFFFF, minlength=1 << 16)
-    low_bucket, above_low = _select(low, k - above)
+        low_hist += torch.bincount(bits[(bits >> 16) == high_bucket] & 0xFFFF, minlength=1 << 16)
+    low_bucket, above_low = _select(low_hist, k - above)
     value = torch.tensor([(high_bucket << 16) | low_bucket], dtype=torch.int32).view(torch.float32)[0]
-    return value, above + above_low
+    return value, above + above_low, int(low_hist[low_bucket])

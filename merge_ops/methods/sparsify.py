@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from merge_ops.methods.blocks import Blocks, kth_largest
+from merge_ops.methods.blocks import Differences, kth_largest
 
 
 class Magnitude:
@@ -25,7 +25,7 @@ class Magnitude:
         self.density = density
         self.keep_all = density >= 1
 
-    def prepare(self, deltas: Blocks, shape: torch.Size) -> None:
+    def prepare(self, deltas: Differences, shape: torch.Size) -> None:
         n = shape.numel()
         k = int(self.density * n)
         self.keep_all = self.density >= 1 or k >= n
@@ -33,8 +33,9 @@ class Magnitude:
             return
         if k <= 0:
             raise ValueError(f"density {self.density} keeps no element of a tensor with {n} elements; raise density")
-        self.threshold, above = kth_largest(lambda: (d.abs().float() for d in deltas()), k)
+        self.threshold, above, equal = kth_largest(lambda: (d.abs().float() for d in deltas()), k, deltas.sample().abs().float(), n)
         self.tie_budget = k - above
+        self.keep_every_tie = self.tie_budget == equal  # the usual case: no tie to share out by index
         self.reset()
 
     def reset(self) -> None:
@@ -44,11 +45,15 @@ class Magnitude:
         if self.keep_all:
             return None
         magnitude = delta.abs().float()
+        if self.keep_every_tie:
+            return magnitude >= self.threshold
         keep = magnitude > self.threshold
         if self.ties_left:
             tied = magnitude == self.threshold
-            keep |= tied & (tied.cumsum(0) <= self.ties_left)
-            self.ties_left = max(0, self.ties_left - int(tied.sum()))
+            count = int(torch.count_nonzero(tied))
+            if count:  # most blocks hold no entry equal to the threshold
+                keep |= tied if count <= self.ties_left else tied & (tied.cumsum(0) <= self.ties_left)
+                self.ties_left = max(0, self.ties_left - count)
         return keep
 
 
@@ -58,7 +63,7 @@ class RandomDrop:
     def __init__(self, density: float, seed: int) -> None:
         self.density, self.seed = density, seed
 
-    def prepare(self, deltas: Blocks, shape: torch.Size) -> None:
+    def prepare(self, deltas: Differences, shape: torch.Size) -> None:
         self.reset()
 
     def reset(self) -> None:
@@ -76,7 +81,7 @@ class WholeTensor:
     def __init__(self, make_mask: Callable[[Tensor], Tensor | None]) -> None:
         self.make_mask = make_mask
 
-    def prepare(self, deltas: Blocks, shape: torch.Size) -> None:
+    def prepare(self, deltas: Differences, shape: torch.Size) -> None:
         whole = self.make_mask(torch.cat(list(deltas())).view(shape))
         self.whole = None if whole is None else whole.reshape(-1)
         self.reset()
@@ -134,10 +139,7 @@ def della_magprune(density: float, epsilon: float, seed: int) -> Callable[[Tenso
 
 def sparsified(sparsifier: "Magnitude | RandomDrop | WholeTensor", delta: Tensor) -> Tensor:
     """``delta`` with the entries the sparsifier drops set to zero (the whole tensor at once)."""
-    from merge_ops.methods.blocks import block_slices
-
-    values = delta.reshape(-1)
-    blocks = lambda: (values[s] for s in block_slices(values.numel()))  # noqa: E731
+    blocks = Differences(delta, None, delta.dtype)
     sparsifier.prepare(blocks, delta.shape)
     parts = [block if (mask := sparsifier.mask(block)) is None else block * mask for block in blocks()]
     return torch.cat(parts).view_as(delta) if parts else delta
