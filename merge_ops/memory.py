@@ -14,6 +14,7 @@ from functools import cache
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _KEEP = 1 << 30
 
 
@@ -24,6 +25,8 @@ def reuse_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * _KEEP))
+        # one arena: freed blocks are kept once for every thread, not once per thread
+        settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, _KEEP), (_M_TRIM_THRESHOLD, 2 * _KEEP))
+        return all([bool(libc.mallopt(option, value)) for option, value in settings])
     except (OSError, AttributeError):  # musl or another libc: leave malloc as it is
         return False

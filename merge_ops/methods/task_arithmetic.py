@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import Callable, Iterable, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,8 +16,21 @@ class Sparsifier(Protocol):
     def mask(self, delta: Tensor) -> Tensor | None: ...
 
 
-_STATISTICS_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergeflow-statistics")
-"""Two threads: this machine class has two cores, and the merge's reader and writer threads mostly wait on I/O."""
+T = TypeVar("T")
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergeflow-task-vectors")
+"""Two threads for the independent parts of a tensor's work (per model, or halves of a block): every result
+is computed by exactly the same operations as on one thread, so outputs do not depend on it."""
+_PARALLEL_MIN = 1 << 17
+
+
+def _run(work: Callable[[T], None], items: Iterable[T], *, parallel: bool) -> None:
+    """``work`` on every item, on the pool when ``parallel``; returns when all are done (errors raised)."""
+    if parallel:
+        for _ in _POOL.map(work, items):
+            pass
+    else:
+        for item in items:
+            work(item)
 
 
 def _l1_rescale(sparsifier: Sparsifier, deltas: Differences) -> tuple[float, list[Tensor | None]]:
@@ -77,7 +90,7 @@ def combine_task_vectors(
     # Whole-tensor statistics of each task vector, independent of each other: on two threads for big tensors
     count = len(sparsifiers or [])
     if count > 1 and base.numel() > BLOCK:
-        prepared = list(_STATISTICS_POOL.map(prepare, range(count)))
+        prepared = list(_POOL.map(prepare, range(count)))
     else:
         prepared = [prepare(i) for i in range(count)]
     scales = [scale for scale, _ in prepared] or [1.0] * len(tensors)
@@ -87,8 +100,9 @@ def combine_task_vectors(
     for b, s in enumerate(block_slices(base.numel())):
         base_block = base_flat[s].to(dtype)
         stacked = torch.empty((len(inputs), base_block.numel()), dtype=dtype, device=base_block.device)
-        for i, x in enumerate(inputs):
-            delta = torch.sub(x[s].to(dtype), base_block, out=stacked[i])
+
+        def task_vector(i: int) -> None:  # row i: the weighted, sparsified delta of model i in this block
+            delta = torch.sub(inputs[i][s].to(dtype), base_block, out=stacked[i])
             masks = drawn[i]
             mask = masks[b] if masks is not None else sparsifiers[i].mask(delta) if sparsifiers else None
             if mask is not None:
@@ -96,20 +110,28 @@ def combine_task_vectors(
             if scales[i] != 1.0:
                 delta *= scales[i]
             delta *= weights[i]
-        if consensus:
-            majority = _sum_rows(stacked).ge_(0).to(dtype).mul_(2).sub_(1)  # +1 or -1; a zero vote is +1
-            agree = (stacked * majority).gt_(0).to(dtype)  # same non-zero sign as the majority
-            mixed = _sum_rows(stacked.mul_(agree))
-            divisor = _sum_rows(agree.mul_(weights.view(-1, 1)))
-            divisor += divisor == 0  # no agreeing weight: divide by 1
-        else:
-            mixed = _sum_rows(stacked)
-            total = weights.sum()
-            divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
-        if normalize:
-            mixed /= divisor
-        mixed *= lambda_
-        torch.add(base_block, mixed, out=out[s])
+
+        def combine(part: slice) -> None:  # elementwise over the block: any split gives the same values
+            rows = stacked[:, part]
+            if consensus:
+                majority = _sum_rows(rows).ge_(0).to(dtype).mul_(2).sub_(1)  # +1 or -1; a zero vote is +1
+                agree = (rows * majority).gt_(0).to(dtype)  # same non-zero sign as the majority
+                mixed = _sum_rows(rows.mul_(agree))
+                divisor = _sum_rows(agree.mul_(weights.view(-1, 1)))
+                divisor += divisor == 0  # no agreeing weight: divide by 1
+            else:
+                mixed = _sum_rows(rows)
+                total = weights.sum()
+                divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
+            if normalize:
+                mixed /= divisor
+            mixed *= lambda_
+            torch.add(base_block[part], mixed, out=out[s][part])
+
+        # Each model's rows, then the combination, on two threads for big blocks (blocks stay in order)
+        half = base_block.numel() // 2
+        _run(task_vector, range(len(inputs)), parallel=half >= _PARALLEL_MIN)
+        _run(combine, [slice(0, half), slice(half, None)], parallel=half >= _PARALLEL_MIN)
     return out.view_as(base)
 
 
