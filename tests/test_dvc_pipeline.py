@@ -46,6 +46,8 @@ def dvc_env(prefect_api: str, home: Path) -> dict[str, str]:
     env.update(
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", PREFECT_API_URL=prefect_api, HF_HOME=str(home),
         HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        GIT_AUTHOR_NAME="mergeflow tests", GIT_AUTHOR_EMAIL="tests@mergeflow.invalid",  # dvc exp commits
+        GIT_COMMITTER_NAME="mergeflow tests", GIT_COMMITTER_EMAIL="tests@mergeflow.invalid",
     )
     return env
 
