@@ -326,11 +326,11 @@ def sweep(
     tasks = list(dict.fromkeys(t for c in result.candidates for t in c.scores))
     table = Table(title=f"sweep of {recipe.name}: {len(result.candidates)} candidate(s), best first (mean of each task's primary metric)")
     table.add_column("rank", justify="right")
-    table.add_column("candidate")
+    table.add_column("candidate", no_wrap=True)
     for task in tasks:
         table.add_column(task, justify="right")
     table.add_column("mean", justify="right")
-    table.add_column("MLflow run")
+    table.add_column("MLflow run", overflow="fold")
     for c in result.candidates:
         table.add_row(str(c.rank), c.name, *(f"{c.scores[t]:.3f}" if t in c.scores else "-" for t in tasks), f"{c.mean:.3f}", c.run_id)
     for key, scores in result.references.items():
