@@ -7,14 +7,29 @@ so anything drawn per block from a generator is the same on every run, device an
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
 
 BLOCK = 1 << 20
 SAMPLE_STEP = 64
+PARALLEL_MIN = 1 << 17
 Blocks = Callable[[], Iterable[Tensor]]
+T = TypeVar("T")
+R = TypeVar("R")
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergeflow-blocks")
+
+
+def in_order(work: Callable[[T], R], items: Iterable[T], *, parallel: bool) -> list[R]:
+    """``[work(item) for item in items]``, on two threads when ``parallel`` (errors raised, results in order).
+
+    Each result is computed by the same operations either way, so outputs never depend on the threads;
+    reductions over the results happen afterwards, in order. Two threads: this machine class has two cores,
+    and the merge's reader and writer threads mostly wait.
+    """
+    return list(_POOL.map(work, items)) if parallel else [work(item) for item in items]
 
 
 class Differences:

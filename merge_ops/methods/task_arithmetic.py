@@ -1,36 +1,18 @@
 """Task arithmetic, and the shared core of its family (TIES, DARE, breadcrumbs, DELLA)."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from merge_ops.methods.blocks import BLOCK, Differences, block_slices, flat
+from merge_ops.methods.blocks import BLOCK, PARALLEL_MIN, Differences, block_slices, flat, in_order
 from merge_ops.methods.declaration import PerModel, merge_method
 
 
 class Sparsifier(Protocol):
     def prepare(self, deltas: Differences, shape: torch.Size) -> None: ...
     def mask(self, delta: Tensor) -> Tensor | None: ...
-
-
-T = TypeVar("T")
-_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mergeflow-task-vectors")
-"""Two threads for the independent parts of a tensor's work (per model, or halves of a block): every result
-is computed by exactly the same operations as on one thread, so outputs do not depend on it."""
-_PARALLEL_MIN = 1 << 17
-
-
-def _run(work: Callable[[T], None], items: Iterable[T], *, parallel: bool) -> None:
-    """``work`` on every item, on the pool when ``parallel``; returns when all are done (errors raised)."""
-    if parallel:
-        for _ in _POOL.map(work, items):
-            pass
-    else:
-        for item in items:
-            work(item)
 
 
 def _l1_rescale(sparsifier: Sparsifier, deltas: Differences) -> tuple[float, list[Tensor | None]]:
@@ -89,10 +71,7 @@ def combine_task_vectors(
 
     # Whole-tensor statistics of each task vector, independent of each other: on two threads for big tensors
     count = len(sparsifiers or [])
-    if count > 1 and base.numel() > BLOCK:
-        prepared = list(_POOL.map(prepare, range(count)))
-    else:
-        prepared = [prepare(i) for i in range(count)]
+    prepared = in_order(prepare, range(count), parallel=count > 1 and base.numel() > BLOCK)
     scales = [scale for scale, _ in prepared] or [1.0] * len(tensors)
     drawn = [masks for _, masks in prepared] or [None] * len(tensors)
     out = torch.empty_like(base_flat, dtype=dtype)
@@ -130,8 +109,8 @@ def combine_task_vectors(
 
         # Each model's rows, then the combination, on two threads for big blocks (blocks stay in order)
         half = base_block.numel() // 2
-        _run(task_vector, range(len(inputs)), parallel=half >= _PARALLEL_MIN)
-        _run(combine, [slice(0, half), slice(half, None)], parallel=half >= _PARALLEL_MIN)
+        in_order(task_vector, range(len(inputs)), parallel=half >= PARALLEL_MIN)
+        in_order(combine, [slice(0, half), slice(half, None)], parallel=half >= PARALLEL_MIN)
     return out.view_as(base)
 
 
