@@ -35,12 +35,11 @@ class RecipeVariant:
 
 def _parameter_tables(data: dict[str, Any]) -> list[dict[str, Any]]:
     """Every ``parameters`` mapping of the recipe: global, per model, per slice and per slice source."""
-    tables = [data.setdefault("parameters", {}) or {}]
-    data["parameters"] = tables[0]
+    data["parameters"] = data.get("parameters") or {}
     holders = list(data.get("models") or [])
     for sl in data.get("slices") or []:
         holders += [sl, *(sl.get("sources") or [])]
-    return tables + [h["parameters"] for h in holders if isinstance(h, dict) and isinstance(h.get("parameters"), dict)]
+    return [data["parameters"], *(h["parameters"] for h in holders if isinstance(h, dict) and isinstance(h.get("parameters"), dict))]
 
 
 def vary_recipe(data: Mapping[str, Any], *, method: str | None = None, parameters: Mapping[str, Any] | None = None, source: str = "recipe") -> RecipeVariant:

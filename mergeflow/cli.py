@@ -312,7 +312,7 @@ def sweep(
     from flows.runners import make_task_runner
     from flows.sweep import sweep as sweep_flow
     from merge_ops.sweep_grid import expand_grid, parse_grid
-    from tasks.sweep import mean_score
+    from tasks.evaluation import mean_score
 
     parsed = parse_grid(grid)
     load_recipe(recipe)

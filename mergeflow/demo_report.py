@@ -30,6 +30,9 @@ def run_dvc_repro(project: Path, console: Console) -> None:
 
 def print_demo_report(project: Path, out: Console) -> None:
     """The scores table (merged vs each source), the gate's verdict, and where to look next."""
+    from tasks.evaluation import mean_score
+    from tasks.tracking import resolve_tracking_uri  # imports mlflow: only once the pipeline is done
+
     metrics = json.loads((project / METRICS).read_text())
     outcome = json.loads((project / OUTCOME).read_text())
     rows = {"merged": metrics["merged"], **metrics["sources"]}
@@ -38,17 +41,13 @@ def print_demo_report(project: Path, out: Console) -> None:
     for column in ("model", *tasks, "mean"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, scores in rows.items():
-        values = [scores.get(t) for t in tasks]
-        mean = sum(v for v in values if v is not None) / len(tasks)
-        table.add_row(name, *(f"{v:.3f}" if v is not None else "-" for v in values), f"{mean:.3f}")
+        table.add_row(name, *(f"{scores[t]:.3f}" if t in scores else "-" for t in tasks), f"{mean_score(scores):.3f}")
     out.print(table)
     gate = "passed" if outcome["gate_passed"] else "failed: " + "; ".join(outcome["gate_reasons"])
     published = (
         f"published: {outcome['repo_id']} @ {outcome['commit_sha']} on the local Hub (storage {HUB})"
         if outcome["repo_id"] else "not published"
     )
-    from tasks.tracking import resolve_tracking_uri
-
     tools = Path(sys.executable).parent
     tools = tools.relative_to(project) if tools.is_relative_to(project) else tools
     out.print(

@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,18 @@ def _check_tasks(tasks: list[str], task_manager: Any) -> None:
         )
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
     tmp.write_text(text)
     os.replace(tmp, path)
+    return path
+
+
+def mean_score(scores: dict[str, float]) -> float:
+    """The mean of the task scores; NaN when there are none."""
+    return sum(scores.values()) / len(scores) if scores else float("nan")
 
 
 def evaluate_model(
@@ -302,12 +311,12 @@ def evaluate_model(
         raise EvaluationError(f"lm-eval returned no results for {model_dir}")
     metrics, primary, groups = summarize_results(raw)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(raw_path, json.dumps(raw, indent=2, default=handle_non_serializable, sort_keys=True))
+    write_atomic(raw_path, json.dumps(raw, indent=2, default=handle_non_serializable, sort_keys=True))
     result = EvalResult(
         model_dir=model_dir, content_hash=content_hash, cache_key=cache_key, tasks=list(tasks), metrics=metrics,
         primary=primary, groups=groups, raw_path=raw_path, lm_eval_version=lm_eval_version, seconds=round(seconds, 3),
     )
-    _write_atomic(record, result.model_dump_json(indent=2))
+    write_atomic(record, result.model_dump_json(indent=2))
     return result
 
 

@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from merge_ops.recipe_variants import vary_recipe
-from tasks.evaluation import EvalResult
+from tasks.evaluation import EvalResult, mean_score, write_atomic
 from tasks.gate import GateDecision
 from tasks.publish import Published
 from tasks.sources import ResolvedSource
@@ -26,15 +26,6 @@ from tasks.summary import RunSummary
 from tasks.tracking import MergeStats
 
 _NO_CACHE = {"cache_policy": NO_CACHE, "persist_result": False}
-
-
-def _write(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-    return path
 
 
 def _relative(path: Path | None) -> str | None:
@@ -52,13 +43,12 @@ def write_recipe_variant(params: MergeParams, out: Path, rename: dict[str, str] 
     ``rename`` replaces model reference prefixes, e.g. ``{"demo-family/": "demo/"}`` to read the demo
     family's local folders as Hub repos.
     """
-    variant = vary_recipe(yaml.safe_load(params.recipe.read_text()), method=params.method, parameters=params.parameters, source=str(params.recipe))
-    text = variant.yaml()
+    text = params.recipe.read_text()
     for old, new in (rename or {}).items():
         text = text.replace(f" {old}", f" {new}")
-    vary_recipe(yaml.safe_load(text), source=str(out))  # still a valid recipe after renaming
+    variant = vary_recipe(yaml.safe_load(text), method=params.method, parameters=params.parameters, source=str(params.recipe))
     note = f"# {params.recipe} with merge.method={params.method} and merge.parameters={params.parameters} (params.yaml)\n"
-    return _write(out, note + text)
+    return write_atomic(out, note + variant.yaml())
 
 
 class SourcesRecord(BaseModel):
@@ -70,7 +60,7 @@ class SourcesRecord(BaseModel):
 @task(name="write_sources_record", **_NO_CACHE)
 def write_sources_record(sources: list[ResolvedSource], out: Path) -> Path:
     pinned = [s.model_copy(update={"path": _relative(s.path)}) for s in sources]
-    return _write(out, SourcesRecord(sources=pinned).model_dump_json(indent=2) + "\n")
+    return write_atomic(out, SourcesRecord(sources=pinned).model_dump_json(indent=2) + "\n")
 
 
 @task(name="read_sources_record", **_NO_CACHE)
@@ -83,7 +73,7 @@ def read_sources_record(path: Path) -> list[ResolvedSource]:
 @task(name="write_merge_log", **_NO_CACHE)
 def write_merge_log(summary: RunSummary, out: Path) -> Path:
     """The merge's full summary (timings included): not a DVC output, read for the MLflow stats."""
-    return _write(out, summary.model_dump_json(indent=2) + "\n")
+    return write_atomic(out, summary.model_dump_json(indent=2) + "\n")
 
 
 @task(name="read_merge_stats", **_NO_CACHE)
@@ -101,21 +91,17 @@ def write_scores(merged: EvalResult, sources: dict[str, EvalResult], metrics_out
     Scores are each task's primary metric, groups left out; the mean is over those tasks.
     """
     tasks = list(merged.task_scores)
-
-    def mean(result: EvalResult) -> float:
-        return sum(result.task_scores[t] for t in tasks) / len(tasks)
-
-    best = max((mean(r) for r in sources.values()), default=0.0)
+    best = max((mean_score(r.task_scores) for r in sources.values()), default=0.0)
     metrics: dict[str, object] = {
         "merged": merged.task_scores,
-        "mean": mean(merged),
+        "mean": mean_score(merged.task_scores),
         "best_source_mean": best,
-        "gain": mean(merged) - best,
+        "gain": mean_score(merged.task_scores) - best,
         "sources": {key: r.task_scores for key, r in sources.items()},
     }
     rows = [{"task": t, "merged": merged.task_scores[t], "best_source": max((r.task_scores[t] for r in sources.values()), default=0.0)} for t in tasks]
-    _write(plot_out, json.dumps(rows, indent=2) + "\n")
-    _write(metrics_out, json.dumps(metrics, indent=2) + "\n")
+    write_atomic(plot_out, json.dumps(rows, indent=2) + "\n")
+    write_atomic(metrics_out, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -149,4 +135,4 @@ def write_outcome(outcome: str, decision: GateDecision, published: Published | N
         outcome=outcome, gate_passed=decision.passed, gate_reasons=list(decision.reasons),
         repo_id=published.repo_id if published else None, commit_sha=published.commit_sha if published else None,
     )
-    return _write(out, record.model_dump_json(indent=2) + "\n")
+    return write_atomic(out, record.model_dump_json(indent=2) + "\n")

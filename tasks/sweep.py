@@ -24,7 +24,7 @@ from merge_ops.errors import EvaluationError, OutputExistsError
 from merge_ops.plan import plan_merge
 from merge_ops.recipe import load_recipe
 from merge_ops.sweep_grid import Grid, expand_grid, value_text
-from tasks.evaluation import EvalResult, EvalSettings
+from tasks.evaluation import EvalResult, EvalSettings, mean_score, write_atomic
 from tasks.publish import Published
 from tasks.sources import ResolvedSource
 from tasks.tracking import MLFLOW_RETRY, TAG, log_batches, client, experiment_id, flatten, metric_name, refusals, resolve_tracking_uri
@@ -86,7 +86,7 @@ def write_candidates(recipe: Path, grid: Grid, out: Path, *, force: bool = False
     written = []
     for c in candidates:
         path = out / RECIPES_DIR / f"{c.name}.yaml"
-        path.write_text(c.variant.yaml())
+        write_atomic(path, c.variant.yaml())
         written.append(SweepCandidate(name=c.name, method=c.method, parameters=c.parameters, recipe=path, out=out / c.name))
     return written
 
@@ -96,11 +96,6 @@ def merge_candidate(candidate: SweepCandidate, sources: list[ResolvedSource], *,
     plan = plan_merge(load_recipe(candidate.recipe), {s.key: s.path for s in sources if s.path is not None},
                       recipe_text=candidate.recipe.read_text(), base_dir=candidate.recipe.parent)
     return merge_model(plan, candidate.out, device=device, force=force)
-
-
-def mean_score(scores: dict[str, float]) -> float:
-    """The mean of the task scores; NaN when there are none."""
-    return sum(scores.values()) / len(scores) if scores else float("nan")
 
 
 def rank_candidates(candidates: list[SweepCandidate], shards: list[dict[str, str]], evaluations: list[EvalResult]) -> list[CandidateResult]:
