@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 import shutil
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -11,15 +12,20 @@ from typing import Callable
 
 import torch
 
-from merge_ops.memory import reuse_freed_memory
+from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.errors import DeviceError, OutputExistsError
 from merge_ops.methods.registry import get_method
 from merge_ops.model_folder import write_model_files
-from merge_ops.plan import MergePlan, TensorJob, TensorSource, torch_dtype
-from merge_ops.safetensors_io import StreamingSafetensorsWriter, load_tensor
+from merge_ops.plan import MergePlan, TensorJob, torch_dtype
+from merge_ops.safetensors_io import StreamingSafetensorsWriter, TensorBlocks
 
 BLOCK_ELEMENTS = 1 << 20
 """Elementwise methods merge tensors larger than this in row blocks of about this many elements."""
+READ_AHEAD = 3
+"""Pieces whose inputs are read while the arithmetic works on the current one (for whole tensors of
+upcasting methods these are lazy views of the mapped files, so they cost no memory until used)."""
+WRITE_BEHIND = 2
+"""Results waiting for the writer before the arithmetic waits for it."""
 
 
 @dataclass(frozen=True)
@@ -63,35 +69,41 @@ def split_into_pieces(plan: MergePlan, index: int) -> list[Piece]:
     return pieces
 
 
-def _read(source: TensorSource, rows: tuple[int, int] | None) -> torch.Tensor:
-    return load_tensor(Path(source.file), source.name, rows)
+@dataclass(frozen=True)
+class InputReader:
+    """Reads a piece's inputs ready for the method: on the device, and for methods that do not upcast
+    themselves already in the compute dtype. Run on the reader thread, so the conversion (and the page
+    faults of the mapped files) overlap the arithmetic of the previous piece."""
+
+    blocks: TensorBlocks
+    cast: torch.dtype | None
+    device: torch.device
+
+    def __call__(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        job = piece.job
+        sources = [(Path(s.file), s.name) for s in (*job.inputs, *([job.base] if job.base else []))]
+        tensors = [self._prepare(t) for t in self.blocks.read(sources, piece.rows)]
+        return (tensors[:-1], tensors[-1]) if job.base else (tensors, None)
+
+    def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+        cast = self.cast if tensor.is_floating_point() else None
+        return tensor.to(device=self.device, dtype=cast, copy=cast is not None)
 
 
-def _read_inputs(piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    job = piece.job
-    return [_read(s, piece.rows) for s in job.inputs], _read(job.base, piece.rows) if job.base else None
-
-
-def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], base: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Compute one output tensor from its loaded inputs, in the plan's compute dtype."""
+def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], base: torch.Tensor | None) -> torch.Tensor:
+    """Compute one output tensor from inputs prepared by ``InputReader``, cast to the output dtype on the cpu."""
     out_dtype = torch_dtype(job.dtype)
     first = base if base is not None else inputs[0]
     if not first.is_floating_point():
-        return first.to(out_dtype)
+        return first.to(dtype=out_dtype, device="cpu")
     method = get_method(plan.method)
-    compute = torch_dtype(plan.compute_dtype)
     kwargs = {method.params[name].arg: value for name, value in job.params.items()}
     if method.random:
         kwargs["generator"] = torch.Generator().manual_seed(job.seed)
     if method.upcasts:
-        kwargs["dtype"] = compute
-    cast = None if method.upcasts else compute
+        kwargs["dtype"] = torch_dtype(plan.compute_dtype)
     try:
-        result = method(
-            [x.to(device=device, dtype=cast) for x in inputs],
-            base.to(device=device, dtype=cast) if base is not None else None,
-            **kwargs,
-        )
+        result = method(inputs, base, **kwargs)
     except ValueError as err:
         raise ValueError(f"{plan.method} failed on tensor {job.name}: {err}") from err
     return result.to(dtype=out_dtype, device="cpu")
@@ -100,30 +112,36 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
 def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cpu", progress: Progress | None = None) -> str:
     """Write shard ``index`` of ``plan`` into ``out_dir`` atomically and return its sha256.
 
-    Reading the next piece's inputs and writing the previous result overlap the arithmetic.
+    Reading the next pieces' inputs and writing finished results overlap the arithmetic.
     """
     dev = check_device(device)
     reuse_freed_memory()
+    freeze_long_lived_objects()
     shard = plan.shards[index]
     pieces = split_into_pieces(plan, index)
     specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]
-    with ThreadPoolExecutor(max_workers=1) as reader, ThreadPoolExecutor(max_workers=1) as writer_thread:
-        with StreamingSafetensorsWriter(Path(out_dir) / shard.file, specs) as writer:
-            pending_read = reader.submit(_read_inputs, pieces[0])
-            pending_write: Future[None] | None = None
-            for i, piece in enumerate(pieces):
-                inputs, base = pending_read.result()
-                if i + 1 < len(pieces):
-                    pending_read = reader.submit(_read_inputs, pieces[i + 1])
-                result = merge_tensor(plan, piece.job, inputs, base, dev)
-                del inputs, base
-                if pending_write:
-                    pending_write.result()
-                pending_write = writer_thread.submit(writer.write, piece.job.name, result)
-                if progress:
-                    pending_write.add_done_callback(lambda _, piece=piece: progress(piece))
-            if pending_write:
-                pending_write.result()
+    method = get_method(plan.method)
+    read = InputReader(TensorBlocks(), None if method.upcasts else torch_dtype(plan.compute_dtype), dev)
+    with (
+        ThreadPoolExecutor(max_workers=1) as reader,
+        ThreadPoolExecutor(max_workers=1) as writer_thread,
+        StreamingSafetensorsWriter(Path(out_dir) / shard.file, specs) as writer,
+    ):
+        reads = deque(reader.submit(read, piece) for piece in pieces[:READ_AHEAD])
+        writes: deque[Future[None]] = deque()
+        for i, piece in enumerate(pieces):
+            inputs, base = reads.popleft().result()
+            if i + READ_AHEAD < len(pieces):
+                reads.append(reader.submit(read, pieces[i + READ_AHEAD]))
+            result = merge_tensor(plan, piece.job, inputs, base)
+            del inputs, base
+            if len(writes) == WRITE_BEHIND:
+                writes.popleft().result()
+            writes.append(writer_thread.submit(writer.write, piece.job.name, result))
+            if progress:
+                writes[-1].add_done_callback(lambda _, piece=piece: progress(piece))
+        for pending in writes:
+            pending.result()
     return writer.sha256
 
 

@@ -9,6 +9,7 @@ the next tensor: on this kind of VM a bfloat16 -> float32 copy of 11.5M elements
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 from functools import cache
 
@@ -30,3 +31,13 @@ def reuse_freed_memory() -> bool:
         return all([bool(libc.mallopt(option, value)) for option, value in settings])
     except (OSError, AttributeError):  # musl or another libc: leave malloc as it is
         return False
+
+
+@cache
+def freeze_long_lived_objects() -> None:
+    """Move every object alive now (modules, classes, the plan) out of the cyclic collector's reach.
+
+    A merge allocates many short-lived tensors and tuples; each full collection would otherwise walk the
+    ~200k objects that torch, pydantic and friends leave behind (measured: ~0.2 s of a 4.5 s merge).
+    """
+    gc.freeze()

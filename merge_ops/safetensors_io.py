@@ -17,6 +17,8 @@ from types import TracebackType
 import torch
 from safetensors import safe_open
 
+from merge_ops.direct_io import SequentialWriter
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -76,6 +78,23 @@ def load_tensor(file: Path, name: str, rows: tuple[int, int] | None = None) -> t
         return handle.get_slice(name)[rows[0] : rows[1]] if rows else handle.get_tensor(name)
 
 
+class TensorBlocks:
+    """Row blocks of tensors, each tensor opened once while its blocks are read in order.
+
+    ``safe_open`` maps the file and returns views of the mapping, so a block costs nothing until it is
+    used; opening the file per block would map and unmap it again each time. Only the tensors of the
+    latest ``read`` stay mapped.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[Path, str], torch.Tensor] = {}
+
+    def read(self, sources: list[tuple[Path, str]], rows: tuple[int, int] | None) -> list[torch.Tensor]:
+        """The tensors ``(file, name)``, or rows ``[start, end)`` of each."""
+        self._open = {key: self._open[key] if key in self._open else load_tensor(*key) for key in sources}
+        return [self._open[key][rows[0] : rows[1]] if rows else self._open[key] for key in sources]
+
+
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
@@ -108,7 +127,7 @@ class StreamingSafetensorsWriter:
         self._position = 0
         self._rows_done = 0
         self._hash = hashlib.sha256()
-        self._file = open(self.partial, "wb")
+        self._file = SequentialWriter(self.partial)
         self._emit(len(encoded).to_bytes(8, "little") + encoded)
 
     def _emit(self, data: bytes | memoryview) -> None:
@@ -142,15 +161,13 @@ class StreamingSafetensorsWriter:
             missing = [n for n, _, _ in self._expected[self._position :]]
             self.abort()
             raise ValueError(f"{self.path.name}: {len(missing)} tensor(s) never written, first {missing[0]!r}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.partial, self.path)
         return self._hash.hexdigest()
 
     def abort(self) -> None:
         """Drop the partial file."""
-        self._file.close()
+        self._file.abort()
         self.partial.unlink(missing_ok=True)
 
     def __enter__(self) -> "StreamingSafetensorsWriter":

