@@ -22,10 +22,12 @@ from merge_ops.safetensors_io import StreamingSafetensorsWriter, TensorBlocks
 BLOCK_ELEMENTS = 1 << 20
 """Elementwise methods merge tensors larger than this in row blocks of about this many elements."""
 READ_AHEAD = 3
-"""Pieces whose inputs are read while the arithmetic works on the current one (for whole tensors of
-upcasting methods these are lazy views of the mapped files, so they cost no memory until used)."""
+"""Pieces whose inputs are read while the arithmetic works on the current one (converted copies for
+methods that do not upcast themselves; for the others, views of the mapped files with their pages faulted in)."""
 WRITE_BEHIND = 2
 """Results waiting for the writer before the arithmetic waits for it."""
+PAGE = 4096
+"""Bytes per memory page: touching one byte of each maps a whole tensor in."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class InputReader:
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:
         cast = self.cast if tensor.is_floating_point() else None
+        if cast is None and self.device.type == "cpu":
+            tensor.reshape(-1).view(torch.uint8)[::PAGE].sum()  # fault the mapped pages in here, not in the arithmetic
+            return tensor
         return tensor.to(device=self.device, dtype=cast, copy=cast is not None)
 
 

@@ -76,6 +76,7 @@ def combine_task_vectors(
     drawn = [masks for _, masks in prepared] or [None] * len(tensors)
     out = torch.empty_like(base_flat, dtype=dtype)
     weights = torch.tensor(weight, dtype=dtype)  # in the working dtype, as mergekit does
+    all_positive = bool((weights >= torch.finfo(dtype).tiny).all())
     for b, s in enumerate(block_slices(base.numel())):
         base_block = base_flat[s].to(dtype)
         stacked = torch.empty((len(inputs), base_block.numel()), dtype=dtype, device=base_block.device)
@@ -93,19 +94,25 @@ def combine_task_vectors(
         def combine(part: slice) -> None:  # elementwise over the block: any split gives the same values
             rows = stacked[:, part]
             if consensus:
-                majority = _sum_rows(rows).ge_(0).to(dtype).mul_(2).sub_(1)  # +1 or -1; a zero vote is +1
-                agree = (rows * majority).gt_(0).to(dtype)  # same non-zero sign as the majority
+                majority = _sum_rows(rows).ge_(0).mul_(2).sub_(1)  # +1 or -1; a zero vote is +1
+                agree = (rows * majority).gt_(0)  # same non-zero sign as the majority
                 mixed = _sum_rows(rows.mul_(agree))
-                divisor = _sum_rows(agree.mul_(weights.view(-1, 1)))
-                divisor += divisor == 0  # no agreeing weight: divide by 1
+                if normalize:
+                    mixed /= _agreeing_weight(agree)
+            elif normalize:
+                total = weights.sum()
+                mixed = _sum_rows(rows).div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
             else:
                 mixed = _sum_rows(rows)
-                total = weights.sum()
-                divisor = torch.where(total.abs() < 1e-8, torch.ones_like(total), total)
-            if normalize:
-                mixed /= divisor
-            mixed *= lambda_
+            if lambda_ != 1.0:
+                mixed *= lambda_
             torch.add(base_block[part], mixed, out=out[s][part])
+
+        def _agreeing_weight(agree: Tensor) -> Tensor:  # the divisor; 1 where no weight agrees
+            divisor = _sum_rows(agree.mul_(weights.view(-1, 1)))
+            if all_positive:  # zero only where nothing agrees and the sum is +-0: +-0 / tiny == +-0 / 1
+                return divisor.clamp_(min=torch.finfo(dtype).tiny)
+            return divisor.add_(divisor == 0)
 
         # Each model's rows, then the combination, on two threads for big blocks (blocks stay in order)
         half = base_block.numel() // 2
