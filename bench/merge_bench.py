@@ -2,7 +2,8 @@
 
 Synthesises (once, cached under bench/.cache) a base and two fine-tunes shaped like TinyLlama-1.1B
 (vocab 32000, hidden 2048, 22 layers, 1 GB shards with an index), measures the I/O floor (read
-every input byte a method needs + write the output's size, with fsync), and times
+every input byte a method needs + write the output's size, with fsync; once through the page cache, once
+with O_DIRECT as the merge writes), and times
 ``mergeflow merge`` for each method in a fresh process: wall time, peak RSS, ratio to the floor,
 median of --runs runs, each after a sync. Pass --mergekit PATH/TO/mergekit-yaml to time mergekit on the same inputs.
 
@@ -125,8 +126,13 @@ def input_files(recipe: dict, folders: dict[str, Path]) -> list[Path]:
     return [f for name in MODELS if str(folders[name]) in used for f in sorted(folders[name].glob("*.safetensors"))]
 
 
-def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> float:
-    """Seconds to read ``files`` and write ``out_bytes`` (fsynced), with 16 MB buffers."""
+def io_floor(files: list[Path], out_bytes: int, scratch: Path, *, direct: bool = False) -> float:
+    """Seconds to read ``files`` and write ``out_bytes`` (fsynced), with 16 MB buffers.
+
+    ``direct``: write the way the merge does (O_DIRECT through merge_ops.direct_io), not through the page cache.
+    """
+    from merge_ops.direct_io import SequentialWriter
+
     started = time.perf_counter()
     buffer = bytearray(16 * 2**20)
     view = memoryview(buffer)
@@ -134,11 +140,17 @@ def io_floor(files: list[Path], out_bytes: int, scratch: Path) -> float:
         with open(file, "rb", buffering=0) as f:
             while f.readinto(buffer):
                 pass
-    with open(scratch, "wb", buffering=0) as f:
-        left = out_bytes
-        while left:
-            left -= f.write(view[: min(left, len(buffer))])
-        os.fsync(f.fileno())
+    if direct:
+        writer = SequentialWriter(scratch)
+        for start in range(0, out_bytes, len(buffer)):
+            writer.write(view[: min(len(buffer), out_bytes - start)])
+        writer.close()
+    else:
+        with open(scratch, "wb", buffering=0) as f:
+            left = out_bytes
+            while left:
+                left -= f.write(view[: min(left, len(buffer))])
+            os.fsync(f.fileno())
     elapsed = time.perf_counter() - started
     scratch.unlink()
     return elapsed
@@ -176,29 +188,34 @@ def main() -> None:
         if args.mergekit:
             tools["mergekit"] = lambda out: [args.mergekit, str(recipe_path), str(out), "--copy-tokenizer", "--lazy-unpickle"]
         for tool, command in tools.items():
-            floors, walls, rss = [], [], []
+            floors, direct_floors, walls, rss = [], [], [], []
             for _ in range(args.runs):
                 out = args.cache / f"out-{tool}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()  # neither measurement pays for the previous one's writeback
                 floors.append(io_floor(files, out_bytes, args.cache / "floor.bin"))
                 os.sync()
+                direct_floors.append(io_floor(files, out_bytes, args.cache / "floor.bin", direct=True))
+                os.sync()
                 wall, peak = timed(command(out))
                 walls.append(wall)
                 rss.append(peak)
                 shutil.rmtree(out, ignore_errors=True)
-            floor, wall = statistics.median(floors), statistics.median(walls)
+            floor, direct_floor, wall = statistics.median(floors), statistics.median(direct_floors), statistics.median(walls)
             rows.append({
                 "tool": tool, "method": method, "read_gb": sum(f.stat().st_size for f in files) / 1e9, "write_gb": out_bytes / 1e9,
-                "floor_s": floor, "wall_s": wall, "ratio": wall / floor, "peak_rss_gb": statistics.median(rss) / 1e9,
-                "walls": walls, "floors": floors,
+                "floor_s": floor, "direct_floor_s": direct_floor, "wall_s": wall, "ratio": wall / floor,
+                "direct_ratio": wall / direct_floor, "peak_rss_gb": statistics.median(rss) / 1e9,
+                "walls": walls, "floors": floors, "direct_floors": direct_floors,
             })
-            print(f"{tool} {method}: wall {wall:.1f}s floor {floor:.1f}s ratio {wall / floor:.2f}x rss {statistics.median(rss) / 1e9:.2f} GB", file=sys.stderr)
+            print(f"{tool} {method}: wall {wall:.1f}s floor {floor:.1f}s ({wall / floor:.2f}x) O_DIRECT floor {direct_floor:.1f}s "
+                  f"({wall / direct_floor:.2f}x) rss {statistics.median(rss) / 1e9:.2f} GB", file=sys.stderr)
     print(f"\nmedian of {args.runs} runs, {os.cpu_count()} cores, warm page cache\n")
-    print("| tool | method | read GB | write GB | I/O floor s | wall s | x floor | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tool | method | read GB | write GB | I/O floor s | O_DIRECT floor s | wall s | x floor | x O_DIRECT floor | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tool']} | {r['method']} | {r['read_gb']:.2f} | {r['write_gb']:.2f} | {r['floor_s']:.1f} | {r['wall_s']:.1f} | {r['ratio']:.2f} | {r['peak_rss_gb']:.2f} |")
+        print(f"| {r['tool']} | {r['method']} | {r['read_gb']:.2f} | {r['write_gb']:.2f} | {r['floor_s']:.1f} | {r['direct_floor_s']:.1f} "
+              f"| {r['wall_s']:.1f} | {r['ratio']:.2f} | {r['direct_ratio']:.2f} | {r['peak_rss_gb']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

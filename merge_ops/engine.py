@@ -107,6 +107,8 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
         kwargs["generator"] = torch.Generator().manual_seed(job.seed)
     if method.upcasts:
         kwargs["dtype"] = torch_dtype(plan.compute_dtype)
+    if method.casts_output:
+        kwargs["out_dtype"] = out_dtype
     try:
         result = method(inputs, base, **kwargs)
     except ValueError as err:

@@ -22,11 +22,12 @@ def _breadcrumbs(name: str, *, consensus: bool, summary: str) -> MergeMethod:
         rescale: bool = False,
         int8_mask: bool = False,
         dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         trims = [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma)]
         return combine_task_vectors(
             tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus,
-            sparsifiers=trims, rescale=rescale, dtype=dtype,
+            sparsifiers=trims, rescale=rescale, dtype=dtype, out_dtype=out_dtype,
         )
 
     method.__doc__ = summary

@@ -22,11 +22,12 @@ def _dare(name: str, *, consensus: bool, summary: str) -> MergeMethod:
         rescale: bool = True,
         int8_mask: bool = False,
         dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
         return combine_task_vectors(
             tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus,
-            sparsifiers=drops, rescale=rescale, dtype=dtype,
+            sparsifiers=drops, rescale=rescale, dtype=dtype, out_dtype=out_dtype,
         )
 
     method.__doc__ = summary

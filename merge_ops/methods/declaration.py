@@ -6,7 +6,9 @@ method's defaults, ``Annotated[..., Field(ge=..)]`` ranges are enforced on recip
 underscore maps to a recipe name that is a Python keyword (``lambda_`` -> ``lambda``), a
 keyword ``generator`` asks the engine for a per-tensor seeded ``torch.Generator``, and a keyword
 ``dtype`` says the method takes its inputs as stored and computes in ``dtype`` itself (block by
-block, so no full-size converted copies exist); without it, inputs arrive converted.
+block, so no full-size converted copies exist); without it, inputs arrive converted. A keyword
+``out_dtype`` asks for the result in the output dtype, written block by block (no full-size result in
+the compute dtype); without it, the engine casts the result.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 BaseUse = Literal["required", "optional", "none"]
 REQUIRED: Any = inspect.Parameter.empty
-_INJECTED = ("tensors", "base", "generator", "dtype")
+_INJECTED = ("tensors", "base", "generator", "dtype", "out_dtype")
 _PER_MODEL = "per-model"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -82,6 +84,7 @@ class MergeMethod:
     params: dict[str, MethodParam]
     random: bool
     upcasts: bool
+    casts_output: bool
     min_models: int
     max_models: int | None
     elementwise: bool
@@ -118,7 +121,8 @@ def merge_method(
         summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
         injected = inspect.signature(fn).parameters
         return MergeMethod(
-            name, fn, base, params, "generator" in injected, "dtype" in injected, min_models, max_models, elementwise, summary
+            name, fn, base, params, "generator" in injected, "dtype" in injected, "out_dtype" in injected,
+            min_models, max_models, elementwise, summary,
         )
 
     return wrap

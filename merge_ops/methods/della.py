@@ -23,12 +23,13 @@ def _della(name: str, *, consensus: bool, normalize_default: bool, summary: str)
         rescale: bool = True,
         int8_mask: bool = False,
         dtype: torch.dtype | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> Tensor:
         seeds = model_seeds(generator, len(tensors))
         prunes = [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds)]
         return combine_task_vectors(
             tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus,
-            sparsifiers=prunes, rescale=rescale, dtype=dtype,
+            sparsifiers=prunes, rescale=rescale, dtype=dtype, out_dtype=out_dtype,
         )
 
     method.__doc__ = summary

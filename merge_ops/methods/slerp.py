@@ -17,11 +17,14 @@ def _norm(v: Tensor, work: torch.dtype) -> Tensor:
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1)
-def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, dtype: torch.dtype | None = None) -> Tensor:
+def slerp(
+    tensors: list[Tensor], base: Tensor, *, t: Fraction, dtype: torch.dtype | None = None, out_dtype: torch.dtype | None = None
+) -> Tensor:
     """Interpolate along the great circle from the base (t=0) to the other model (t=1); lerp when nearly parallel.
 
     Computed in float32 (float64 for float64), block by block, with mergekit's order of operations:
-    each vector divided by its norm before the dot product, coefficients in the working dtype.
+    each vector divided by its norm before the dot product, coefficients in the working dtype. Each block
+    of the result is rounded to ``out_dtype`` as it is made.
     """
     work = torch.float64 if (dtype or base.dtype) == torch.float64 else torch.float32
     v0, v1 = flat(base), flat(tensors[0])
@@ -34,7 +37,8 @@ def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, dtype: torch.dtyp
     else:
         theta = torch.acos(dot)
         c0, c1 = torch.sin((1 - step) * theta) / torch.sin(theta), torch.sin(step * theta) / torch.sin(theta)
-    out = torch.empty_like(v0, dtype=dtype or base.dtype)
+    rounded = dtype or base.dtype
+    out = torch.empty_like(v0, dtype=out_dtype or rounded)
     for s in block_slices(v0.numel()):
-        out[s] = c0 * v0[s].to(work) + c1 * v1[s].to(work)
+        out[s] = (c0 * v0[s].to(work) + c1 * v1[s].to(work)).to(rounded)
     return out.view_as(base)

@@ -50,18 +50,20 @@ def combine_task_vectors(
     sparsifiers: list[Sparsifier] | None = None,
     rescale: bool = False,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``base + lambda * mix(w_i * sparsify(x_i - base))``, with optional TIES sign consensus.
 
     Steps and order follow merge-methods.md: each delta is sparsified on its own (L1-rescaled
     when ``rescale``), weights are applied before the sign vote, a zero vote counts as positive,
     and the ``normalize`` divisor sums the weights of agreeing entries (all weights without
-    consensus). Computed in cache-sized blocks, in ``dtype`` (default: the base's); whole-tensor
-    statistics come first.
+    consensus). Computed in cache-sized blocks, in ``dtype`` (default: the base's), each block's result
+    rounded to ``out_dtype`` (default: ``dtype``); whole-tensor statistics come first.
     """
     dtype = dtype or base.dtype
+    out_dtype = out_dtype or dtype
     if not tensors:
-        return base.to(dtype)
+        return base.to(dtype).to(out_dtype)
     base_flat, inputs = flat(base), [flat(x) for x in tensors]
 
     def prepare(i: int) -> tuple[float, list[Tensor | None] | None]:
@@ -74,7 +76,7 @@ def combine_task_vectors(
     prepared = in_order(prepare, range(count), parallel=count > 1 and base.numel() > BLOCK)
     scales = [scale for scale, _ in prepared] or [1.0] * len(tensors)
     drawn = [masks for _, masks in prepared] or [None] * len(tensors)
-    out = torch.empty_like(base_flat, dtype=dtype)
+    out = torch.empty_like(base_flat, dtype=out_dtype)
     weights = torch.tensor(weight, dtype=dtype)  # in the working dtype, as mergekit does
     all_positive = bool((weights >= torch.finfo(dtype).tiny).all())
     for b, s in enumerate(block_slices(base.numel())):
@@ -136,8 +138,10 @@ def task_arithmetic(
     normalize: bool = False,
     int8_mask: bool = False,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Add weighted task vectors to the base (Ilharco et al., 2023)."""
     return combine_task_vectors(
-        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, dtype=dtype
+        tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=False, dtype=dtype,
+        out_dtype=out_dtype,
     )

@@ -21,9 +21,10 @@ def ties(
     rescale: bool = False,
     int8_mask: bool = False,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Keep each task vector's top-``density`` magnitudes, elect signs by weighted mass, average agreeing entries."""
     return combine_task_vectors(
         tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsifiers=[Magnitude(d) for d in density], rescale=rescale, dtype=dtype,
+        sparsifiers=[Magnitude(d) for d in density], rescale=rescale, dtype=dtype, out_dtype=out_dtype,
     )
