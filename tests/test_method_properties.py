@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from merge_ops.methods import sparsify
 from merge_ops.methods.registry import METHODS
 
-SETTINGS = settings(max_examples=50, deadline=None)
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)  # the same examples on every run, CI included
 
 values = st.floats(min_value=-100, max_value=100, allow_nan=False, allow_infinity=False, width=32)
 nonzero_values = values.filter(lambda v: abs(v) >= 1e-3)
@@ -277,7 +277,8 @@ def test_slerp_t0_is_the_base_exactly(family) -> None:
 
 # w = clamp(t / max(|a - b|, 1e-6), 0, 1) makes each output a convex combination of a and b, and w = 1
 # (b) wherever max(|a - b|, 1e-6) <= t. Up to rounding only: torch computes scalar / tensor as
-# t * reciprocal(tensor), so t = |a - b| = 47 gives w = 0.99999994; and below 1e-6 the clamp matters
+# t * reciprocal(tensor), so t = |a - b| = 47 gives w = 0.99999994 (and a = t = 26.75, b = 0 gives 1.6e-6
+# instead of 0: the tolerance scales with the values); and below 1e-6 the clamp matters
 # (a == b with t = 1e-7 gives w = 0.1).
 @SETTINGS
 @given(tensor_family(count=1), st.floats(min_value=0, max_value=50))
@@ -287,4 +288,4 @@ def test_nearswap_stays_between_the_inputs_and_swaps_close_values(family, t) -> 
     tol = 1e-5 * scale_of(a, b)
     assert bool((out >= torch.minimum(a, b) - tol).all() and (out <= torch.maximum(a, b) + tol).all())
     close = (a - b).abs().clamp(min=1e-6) <= torch.tensor(t, dtype=a.dtype)
-    torch.testing.assert_close(out[close], b[close], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[close], b[close], rtol=1e-6, atol=tol)
