@@ -87,7 +87,8 @@ def hashed_uniform(seed: int, start: int, count: int) -> Tensor:
     """Uniform int32 values for entries ``start .. start + count`` of a stream, each a hash of (seed, index).
 
     Counter-based: an entry's value depends on nothing else (no generator state, no block order), and the
-    arithmetic is a few integer passes, about 2x faster than ``torch.rand``. The index's high bits
+    arithmetic is five integer passes (lowbias32 without its last xorshift, which only stirs the low bits),
+    about 3x faster than ``torch.rand``. The index's high bits
     (per 2^20 entries) go into the key, its low bits into the data.
     """
     parts, position, end = [], start, start + count
@@ -96,9 +97,9 @@ def hashed_uniform(seed: int, start: int, count: int) -> Tensor:
         take = min(end - position, _CHUNK - offset)
         x = _INDEX[offset : offset + take] ^ _int32(_mix64(_mix64(seed & _U64) ^ chunk))
         x *= _MUL_1
-        x ^= (x >> 15) & 0x1FFFF  # a logical shift: int32 shifts are arithmetic
-        x *= _MUL_2
-        parts.append(x ^ ((x >> 16) & 0xFFFF))
+        shifted = torch.bitwise_right_shift(x, 15)
+        x ^= shifted.bitwise_and_(0x1FFFF)  # a logical shift: int32 shifts are arithmetic
+        parts.append(x.mul_(_MUL_2))  # a bijection of uniform values: the top bits, which decide, are well mixed
         position += take
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -120,7 +121,8 @@ class RandomDrop:
     def mask(self, delta: Tensor) -> Tensor | None:
         if self.density >= 1:
             return None
-        keep = hashed_uniform(self.seed, self.offset, delta.numel()) < self.threshold
+        keep = torch.empty(delta.numel(), dtype=delta.dtype)  # a float 0/1 mask: a compare into floats is fast here
+        torch.lt(hashed_uniform(self.seed, self.offset, delta.numel()), self.threshold, out=keep)
         self.offset += delta.numel()
         return keep.view(delta.shape).to(delta.device)
 

@@ -13,22 +13,22 @@ from merge_ops.methods.declaration import PerModel, merge_method
 class Sparsifier(Protocol):
     def prepare(self, deltas: Differences, shape: torch.Size) -> None: ...
     def mask(self, delta: Tensor) -> Tensor | None: ...
+    def reset(self) -> None: ...
 
 
-def _l1_rescale(sparsifier: Sparsifier, deltas: Differences) -> tuple[float, list[Tensor | None]]:
-    """mergekit's rescale factor (the kept entries get the delta's full L1 norm), and the masks it drew.
+def _l1_rescale(sparsifier: Sparsifier, deltas: Differences) -> float:
+    """mergekit's rescale factor: the kept entries get the delta's full L1 norm.
 
-    The masks are kept (one byte per element) so that merging reuses them instead of drawing them again.
+    The masks are drawn here and again while merging (cheaper than keeping them: all are recomputable).
     """
     total = kept = 0.0
-    masks = []
     for delta in deltas():
         mask = sparsifier.mask(delta)
         magnitude = delta.abs()
         total += float(magnitude.sum(dtype=torch.float32))
         kept += float((magnitude if mask is None else magnitude * mask).sum(dtype=torch.float32))
-        masks.append(mask)
-    return (total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0), masks
+    sparsifier.reset()
+    return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
 
 
 def _sum_rows(stacked: Tensor) -> Tensor:
@@ -66,16 +66,14 @@ def combine_task_vectors(
         return base.to(dtype).to(out_dtype)
     base_flat, inputs = flat(base), [flat(x) for x in tensors]
 
-    def prepare(i: int) -> tuple[float, list[Tensor | None] | None]:
+    def prepare(i: int) -> float:
         deltas = Differences(inputs[i], base_flat, dtype)
         sparsifiers[i].prepare(deltas, base.shape)  # type: ignore[index]
-        return _l1_rescale(sparsifiers[i], deltas) if rescale else (1.0, None)  # type: ignore[index]
+        return _l1_rescale(sparsifiers[i], deltas) if rescale else 1.0  # type: ignore[index]
 
     # Whole-tensor statistics of each task vector, independent of each other: on two threads for big tensors
     count = len(sparsifiers or [])
-    prepared = in_order(prepare, range(count), parallel=count > 1 and base.numel() > BLOCK)
-    scales = [scale for scale, _ in prepared] or [1.0] * len(tensors)
-    drawn = [masks for _, masks in prepared] or [None] * len(tensors)
+    scales = in_order(prepare, range(count), parallel=count > 1 and base.numel() > BLOCK) or [1.0] * len(tensors)
     out = torch.empty_like(base_flat, dtype=out_dtype)
     weights = torch.tensor(weight, dtype=dtype)  # in the working dtype, as mergekit does
     all_positive = bool((weights >= torch.finfo(dtype).tiny).all())
@@ -85,8 +83,7 @@ def combine_task_vectors(
 
         def task_vector(i: int) -> None:  # row i: the weighted, sparsified delta of model i in this block
             delta = torch.sub(inputs[i][s].to(dtype), base_block, out=stacked[i])
-            masks = drawn[i]
-            mask = masks[b] if masks is not None else sparsifiers[i].mask(delta) if sparsifiers else None
+            mask = sparsifiers[i].mask(delta) if sparsifiers else None
             if mask is not None:
                 delta *= mask
             if scales[i] != 1.0:
