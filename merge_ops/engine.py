@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 import shutil
 import uuid
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,10 +129,10 @@ def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cp
     specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]
     method = get_method(plan.method)
     read = InputReader(TensorBlocks(), None if method.upcasts else torch_dtype(plan.compute_dtype), dev)
-    with (
+    with (  # closed in reverse: the writer thread is done before the file is finished or dropped
         ThreadPoolExecutor(max_workers=1) as reader,
-        ThreadPoolExecutor(max_workers=1) as writer_thread,
         StreamingSafetensorsWriter(Path(out_dir) / shard.file, specs) as writer,
+        ThreadPoolExecutor(max_workers=1) as writer_thread,
     ):
         reads = deque(reader.submit(read, piece) for piece in pieces[:READ_AHEAD])
         writes: deque[Future[None]] = deque()

@@ -196,6 +196,23 @@ def test_existing_output_is_kept_and_no_partial_model_is_left(family: dict[str, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_failed_write_drops_the_partial_shard(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plan = plan_merge(parse_recipe(ties_recipe(family)), shard_size=10**9)
+    real_write = StreamingSafetensorsWriter.write
+    calls = []
+
+    def fail_third(self: StreamingSafetensorsWriter, name: str, tensor: torch.Tensor) -> None:
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(self, name, tensor)
+
+    monkeypatch.setattr(StreamingSafetensorsWriter, "write", fail_third)
+    with pytest.raises(OSError, match="No space left"):
+        merge_shard(plan, 0, tmp_path)
+    assert list(tmp_path.iterdir()) == []  # neither the shard nor its .partial file
+
+
 def test_missing_model_and_incompatible_shapes_are_clear_errors(family: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(ModelNotFoundError, match="not a local model folder"):
         plan_merge(parse_recipe({**ties_recipe(family), "base_model": str(tmp_path / "nowhere")}))
