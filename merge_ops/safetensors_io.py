@@ -1,8 +1,9 @@
 """Lazy reading of (sharded) safetensors models and a streaming safetensors writer.
 
-Reading opens a file with ``safe_open`` per tensor, so nothing but the tensors in use stays
-mapped. Writing streams: the header is computed up front from names, dtypes and shapes, and
-each tensor's bytes go to disk as soon as it is computed, so peak memory is one tensor.
+Reading opens a file with ``safe_open`` per tensor and gets views of its mapping, so nothing but
+the tensors in use stays mapped. Writing streams: the header is computed up front from names,
+dtypes and shapes, and each tensor's bytes go to disk as soon as it is computed (with O_DIRECT
+where the filesystem allows, see ``direct_io``), so peak memory is one tensor.
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
 
 
 def load_tensor(file: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """One tensor, or the block of its rows ``[start, end)``; the file mapping is released right after."""
+    """One tensor, or the block of its rows ``[start, end)``: a view of the file's mapping, which lives as long as it."""
     with safe_open(file, framework="pt") as handle:
         return handle.get_slice(name)[rows[0] : rows[1]] if rows else handle.get_tensor(name)
 
