@@ -17,19 +17,20 @@ from pathlib import Path
 
 CHUNK = 8 << 20
 """Bytes per write: a multiple of every block size, so every write but the last is aligned."""
+_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class SequentialWriter:
     """A write-only file that takes bytes in order; ``close`` makes it durable (fsync)."""
 
     def __init__(self, path: Path) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _DIRECT
         try:
             self._fd = os.open(path, flags, 0o644)
         except OSError as err:
             if err.errno != errno.EINVAL:
                 raise
-            self._fd = os.open(path, flags & ~getattr(os, "O_DIRECT", 0), 0o644)
+            self._fd = os.open(path, flags & ~_DIRECT, 0o644)
         self._buffer = mmap.mmap(-1, CHUNK)  # anonymous mappings are page-aligned, as O_DIRECT needs
         self._view = memoryview(self._buffer)
         self._filled = 0
@@ -54,7 +55,7 @@ class SequentialWriter:
         """Write the tail (unaligned, so without O_DIRECT), fsync and close."""
         try:
             if self._filled:
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~getattr(os, "O_DIRECT", 0))
+                fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_DIRECT)
                 self._write_out(self._view[: self._filled])
             os.fsync(self._fd)
         finally:

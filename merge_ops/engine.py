@@ -12,8 +12,8 @@ from typing import Callable
 
 import torch
 
-from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.errors import DeviceError, OutputExistsError
+from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.methods.registry import get_method
 from merge_ops.model_folder import write_model_files
 from merge_ops.plan import MergePlan, TensorJob, torch_dtype

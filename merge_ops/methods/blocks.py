@@ -75,6 +75,7 @@ def _bracket(sample: Tensor, k: int, numel: int) -> tuple[Tensor, Tensor]:
     m = sample.numel()
     rank = k * m / numel
     margin = 5 * math.sqrt(rank * (1 - rank / m) + 1) + 16
+
     def at(r: float) -> Tensor:  # the r-th largest of the sample
         return torch.kthvalue(sample, m - min(m, max(1, round(r))) + 1).values
     return at(rank + margin), at(rank - margin)

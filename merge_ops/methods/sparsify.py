@@ -34,6 +34,7 @@ class Magnitude:
             return
         if k <= 0:
             raise ValueError(f"density {self.density} keeps no element of a tensor with {n} elements; raise density")
+
         def magnitudes() -> Iterator[Tensor]:
             return (d.abs().float() for d in deltas())
         found = kth_largest(magnitudes, k, deltas.sample().abs().float(), n)
@@ -64,6 +65,11 @@ class Magnitude:
         return (magnitude > self.threshold) | (tied & (tied.cumsum(0) <= kept))
 
 
+_U64 = (1 << 64) - 1
+_CHUNK = 1 << 20
+_INDEX = torch.arange(_CHUNK, dtype=torch.int32)
+
+
 def _mix64(z: int) -> int:
     """splitmix64's finalizer (Steele et al., 2014): a 64-bit integer hash."""
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _U64
@@ -77,9 +83,6 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-_U64 = (1 << 64) - 1
-_CHUNK = 1 << 20
-_INDEX = torch.arange(_CHUNK, dtype=torch.int32)
 _MUL_1, _MUL_2 = _int32(0x7FEB352D), _int32(0x846CA68B)  # lowbias32's multipliers (C. Wellons, hash-prospector)
 
 
@@ -88,8 +91,8 @@ def hashed_uniform(seed: int, start: int, count: int) -> Tensor:
 
     Counter-based: an entry's value depends on nothing else (no generator state, no block order), and the
     arithmetic is five integer passes (lowbias32 without its last xorshift, which only stirs the low bits),
-    about 3x faster than ``torch.rand``. The index's high bits
-    (per 2^20 entries) go into the key, its low bits into the data.
+    about 3x faster than ``torch.rand``. The index's high bits (per 2^20 entries) go into the key, its low
+    bits into the data.
     """
     parts, position, end = [], start, start + count
     while position < end or not parts:

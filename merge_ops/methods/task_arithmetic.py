@@ -80,7 +80,7 @@ def combine_task_vectors(
     out = torch.empty_like(base_flat, dtype=out_dtype)
     weights = torch.tensor(weight, dtype=dtype)  # in the working dtype, as mergekit does
     all_positive = bool((weights >= torch.finfo(dtype).tiny).all())
-    for b, s in enumerate(block_slices(base.numel())):
+    for s in block_slices(base.numel()):
         base_block = base_flat[s].to(dtype)
         stacked = torch.empty((len(inputs), base_block.numel()), dtype=dtype, device=base_block.device)
 
@@ -100,7 +100,7 @@ def combine_task_vectors(
                 agree = (rows * majority).gt_(0)  # same non-zero sign as the majority
                 mixed = _sum_rows(rows.mul_(agree))
                 if normalize:
-                    mixed /= _agreeing_weight(agree)
+                    mixed /= agreeing_weight(agree)
             elif normalize:
                 total = weights.sum()
                 mixed = _sum_rows(rows).div_(torch.where(total.abs() < 1e-8, torch.ones_like(total), total))
@@ -110,7 +110,7 @@ def combine_task_vectors(
                 mixed *= lambda_
             torch.add(base_block[part], mixed, out=out[s][part])
 
-        def _agreeing_weight(agree: Tensor) -> Tensor:  # the divisor; 1 where no weight agrees
+        def agreeing_weight(agree: Tensor) -> Tensor:  # the divisor; 1 where no weight agrees
             divisor = _sum_rows(agree.mul_(weights.view(-1, 1)))
             if all_positive:  # zero only where nothing agrees and the sum is +-0: +-0 / tiny == +-0 / 1
                 return divisor.clamp_(min=torch.finfo(dtype).tiny)
