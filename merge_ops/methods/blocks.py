@@ -7,8 +7,9 @@ so anything drawn per block from a generator is the same on every run, device an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from torch import Tensor

@@ -4,41 +4,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merge_ops.methods.declaration import Fraction, MergeMethod, PerModel, merge_method
+from merge_ops.methods.declaration import Fraction, PerModel, each
 from merge_ops.methods.sparsify import RandomDrop
-from merge_ops.methods.task_arithmetic import combine_task_vectors, model_seeds
+from merge_ops.methods.task_arithmetic import (
+    Sparsifier,
+    model_seeds,
+    task_vector_method,
+)
 
 
-def _dare(name: str, *, consensus: bool, summary: str) -> MergeMethod:
-    def method(
-        tensors: list[Tensor],
-        base: Tensor,
-        *,
-        generator: torch.Generator,
-        weight: PerModel[float],
-        density: PerModel[Fraction] = 1.0,
-        lambda_: float = 1.0,
-        normalize: bool = False,
-        rescale: bool = True,
-        int8_mask: bool = False,
-        dtype: torch.dtype | None = None,
-        out_dtype: torch.dtype | None = None,
-    ) -> Tensor:
-        drops = [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
-        return combine_task_vectors(
-            tensors, base, weight=weight, lambda_=lambda_, normalize=normalize, consensus=consensus,
-            sparsifiers=drops, rescale=rescale, dtype=dtype, out_dtype=out_dtype,
-        )
-
-    method.__doc__ = summary
-    return merge_method(name, base="required")(method)
+def random_drops(
+    tensors: list[Tensor], *, generator: torch.Generator, density: PerModel[Fraction] = each(1.0)  # noqa: B008
+) -> list[Sparsifier]:
+    """Keep each entry with probability ``density``, from one seed per model."""
+    return [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
 
 
-dare_ties = _dare(
-    "dare_ties", consensus=True,
+dare_ties = task_vector_method(
+    "dare_ties", sparsify=random_drops, consensus=True, rescale=True,
     summary="Randomly drop task-vector entries, rescale to the original L1 norm, merge with TIES sign election.",
 )
-dare_linear = _dare(
-    "dare_linear", consensus=False,
+dare_linear = task_vector_method(
+    "dare_linear", sparsify=random_drops, rescale=True,
     summary="Randomly drop task-vector entries, rescale to the original L1 norm, add them up linearly.",
 )

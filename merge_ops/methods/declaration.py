@@ -1,7 +1,8 @@
 """How a merge method declares itself: the signature of one plain function is the declaration.
 
 A method is ``fn(tensors, base, *, <params>) -> Tensor``. Keyword parameters annotated
-``PerModel[T]`` take one value per input model; the others are global. Defaults are the
+``PerModel[T]`` (``list[T]`` to a type checker) take one value per input model, ``each(v)`` is the
+default of every model's value; the others are global. Defaults are the
 method's defaults, ``Annotated[..., Field(ge=..)]`` ranges are enforced on recipes, a trailing
 underscore maps to a recipe name that is a Python keyword (``lambda_`` -> ``lambda``), a
 keyword ``generator`` asks the engine for a per-tensor seeded ``torch.Generator``, and a keyword
@@ -13,25 +14,48 @@ the compute dtype); without it, the engine casts the result.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Generic, Literal, TypeVar, cast, get_args, get_origin
 
 from pydantic import Field, TypeAdapter, ValidationError
 
 BaseUse = Literal["required", "optional", "none"]
 REQUIRED: Any = inspect.Parameter.empty
 _INJECTED = ("tensors", "base", "generator", "dtype", "out_dtype")
-_PER_MODEL = "per-model"
+
+T = TypeVar("T")
+
+
+class _PerModelMarker:
+    """Marks a ``PerModel`` annotation."""
+
+    def __repr__(self) -> str:
+        return "per-model"
+
+
+_PER_MODEL = _PerModelMarker()
+PerModel = Annotated[list[T], _PER_MODEL]
+"""``PerModel[float]``: a parameter with one value for each input model (a ``list[float]``)."""
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 
 
-class PerModel:
-    """``PerModel[float]``: a parameter with one value for each input model."""
+@dataclass(frozen=True)
+class _Each(Generic[T]):
+    value: T
 
-    def __class_getitem__(cls, item: Any) -> Any:
-        return Annotated[list[item], _PER_MODEL]
+    def __repr__(self) -> str:
+        return f"each({self.value!r})"
+
+
+def each(value: T) -> list[T]:
+    """The default of a ``PerModel`` parameter: ``value`` for every model (declared as the scalar ``value``).
+
+    An immutable marker that only the decorator reads (ruff's B008 cannot know: ``# noqa: B008``).
+    """
+    return cast("list[T]", _Each(value))
 
 
 @dataclass(frozen=True)
@@ -95,7 +119,13 @@ class MergeMethod:
 
 
 def merge_method(
-    name: str, *, base: BaseUse, min_models: int = 1, max_models: int | None = None, elementwise: bool = False
+    name: str,
+    *,
+    base: BaseUse,
+    min_models: int = 1,
+    max_models: int | None = None,
+    elementwise: bool = False,
+    summary: str | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Turn a plain function into a MergeMethod, reading its parameters from the signature.
 
@@ -105,24 +135,26 @@ def merge_method(
         min_models, max_models: how many non-base inputs each tensor may have.
         elementwise: each output element depends only on the same element of each input, so the
             engine may merge a large tensor in row blocks (bit-identical, less memory).
+        summary: the one-line description; by default the first paragraph of the docstring.
     """
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
-        hints = get_type_hints(fn, include_extras=True)
+        signature = inspect.signature(fn, eval_str=True)
         params: dict[str, MethodParam] = {}
-        for p in inspect.signature(fn).parameters.values():
+        for p in signature.parameters.values():
             if p.name in _INJECTED:
                 continue
-            hint = hints[p.name]
+            hint = p.annotation
             per_model = get_origin(hint) is Annotated and _PER_MODEL in get_args(hint)[1:]
             value_type = get_args(get_args(hint)[0])[0] if per_model else hint
+            default = p.default.value if isinstance(p.default, _Each) else p.default
             recipe_name = p.name.rstrip("_")
-            params[recipe_name] = MethodParam(recipe_name, p.name, value_type, p.default, per_model)
-        summary = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
-        injected = inspect.signature(fn).parameters
+            params[recipe_name] = MethodParam(recipe_name, p.name, value_type, default, per_model)
+        doc = summary or (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+        injected = signature.parameters
         return MergeMethod(
             name, fn, base, params, "generator" in injected, "dtype" in injected, "out_dtype" in injected,
-            min_models, max_models, elementwise, summary,
+            min_models, max_models, elementwise, doc,
         )
 
     return wrap

@@ -14,7 +14,9 @@ def model_stock(tensors: list[Tensor], base: Tensor, *, filter_wise: bool = Fals
     ``cos`` is the mean pairwise cosine of the offsets from the base (each clamped to [-1, 1]);
     where ``1 + (N - 1) cos`` is near zero there is no finite estimate and the base is kept.
     """
-    rows = (lambda x: x.reshape(-1, x.shape[-1])) if filter_wise and base.dim() > 0 else (lambda x: x.reshape(1, -1))
+    def rows(x: Tensor) -> Tensor:  # the vectors compared: one per row, or the whole tensor
+        return x.reshape(-1, x.shape[-1]) if filter_wise and base.dim() > 0 else x.reshape(1, -1)
+
     w0 = rows(base)
     offsets = [rows(x) - w0 for x in tensors]
     cosines = []

@@ -13,7 +13,8 @@ EPS = 1e-8
 
 def _norm(v: Tensor, work: torch.dtype) -> Tensor:
     """L2 norm as the norm of per-block norms (mergekit's order of operations)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[s].to(work)) for s in block_slices(v.numel())]))
+    norm: Tensor = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[s].to(work)) for s in block_slices(v.numel())]))
+    return norm
 
 
 @merge_method("slerp", base="required", min_models=1, max_models=1)

@@ -7,7 +7,7 @@ same on every device, worker and process.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -94,7 +94,8 @@ def hashed_uniform(seed: int, start: int, count: int) -> Tensor:
     about 3x faster than ``torch.rand``. The index's high bits (per 2^20 entries) go into the key, its low
     bits into the data.
     """
-    parts, position, end = [], start, start + count
+    parts: list[Tensor] = []
+    position, end = start, start + count
     while position < end or not parts:
         chunk, offset = divmod(position, _CHUNK)
         take = min(end - position, _CHUNK - offset)
@@ -192,7 +193,7 @@ def della_magprune(density: float, epsilon: float, seed: int) -> Callable[[Tenso
     return make_mask
 
 
-def sparsified(sparsifier: "Magnitude | RandomDrop | WholeTensor", delta: Tensor) -> Tensor:
+def sparsified(sparsifier: Magnitude | RandomDrop | WholeTensor, delta: Tensor) -> Tensor:
     """``delta`` with the entries the sparsifier drops set to zero (the whole tensor at once)."""
     blocks = Differences(delta, None, delta.dtype)
     sparsifier.prepare(blocks, delta.shape)
