@@ -49,3 +49,19 @@ def prefect_api() -> Iterator[str]:
             yield url
         finally:
             os.environ.pop("PREFECT_API_URL", None)
+
+
+# -- test tiers: the fast tier (-m "not slow") never starts a slow fixture ---------------------------
+SLOW_FIXTURES = {"prefect_api", "prefect_server", "dask_cluster", "demo_family", "demo_family_rebuild", "mlflow_template"}
+"""Prefect harness and server, Dask cluster, demo family build (minutes), MLflow store migrations."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses a slow fixture (directly or through another fixture) must be marked slow."""
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})"
+        for item in items
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("mark these tests @pytest.mark.slow, they use a slow fixture:\n  " + "\n  ".join(unmarked))

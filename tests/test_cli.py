@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from method_cases import METHODS  # the registry
 from typer.testing import CliRunner
 
 from mergeflow.cli import app, parse_size
@@ -61,10 +62,21 @@ def test_cuda_request_without_gpu_is_refused(family: dict[str, Path], tmp_path: 
 
 
 def test_methods_lists_every_method() -> None:
-    result = runner.invoke(app, ["methods"])
-    assert result.exit_code == 0
-    for name in ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough"):
-        assert name in result.output
+    result = runner.invoke(app, ["methods"], env={"COLUMNS": "400"})  # wide enough that no cell wraps
+    assert result.exit_code == 0, result.output
+    rows: dict[str, list[list[str]]] = {}  # method -> its lines' [base model, parameter, what it does] cells
+    for line in result.output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 4:  # a body line (the header row uses ┃)
+            if cells[0]:
+                rows[cells[0]] = []
+            rows[next(reversed(rows))].append(cells[1:])
+    assert list(rows) == list(METHODS)  # every registered method, in registry order, nothing else
+    for m in METHODS.values():
+        base, params, summary = ([c for c in column if c] for column in zip(*rows[m.name]))
+        assert base == [m.base], m.name
+        assert params == [f"{name}: {p.describe()}" for name, p in m.params.items()], m.name
+        assert " ".join(summary) == m.summary, m.name
 
 
 def test_parse_size() -> None:

@@ -43,6 +43,7 @@ def _front_matter(card: Path) -> dict:
     return yaml.safe_load(header)
 
 
+@pytest.mark.slow
 def test_family_has_a_base_and_one_model_per_skill(demo_family):
     assert list(demo_family.models) == ["base", *SKILLS]
     assert json.loads((demo_family.root / MARKER).read_text())["key"] == demo_family.key
@@ -62,6 +63,7 @@ def _numel(weights, key: str) -> int:
     return count
 
 
+@pytest.mark.slow
 def test_cards_name_the_base(demo_family):
     assert "base_model" not in _front_matter(demo_family.models["base"] / "README.md")
     for skill in SKILLS:
@@ -71,6 +73,7 @@ def test_cards_name_the_base(demo_family):
         assert f"skill-{skill}" in meta["tags"]
 
 
+@pytest.mark.slow
 def test_tokenizer_is_char_level_without_special_tokens_on_encode(demo_family):
     tokenizer = AutoTokenizer.from_pretrained(demo_family.models["base"])
     ids = tokenizer("47+8=", add_special_tokens=False)["input_ids"]
@@ -80,6 +83,7 @@ def test_tokenizer_is_char_level_without_special_tokens_on_encode(demo_family):
     assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
 
 
+@pytest.mark.slow
 def test_second_call_is_cached(demo_family):
     again = build_family(demo_family.root)
     assert again.cached
@@ -87,6 +91,7 @@ def test_second_call_is_cached(demo_family):
     assert again.models == demo_family.models
 
 
+@pytest.mark.slow
 def test_rebuild_gives_the_same_bytes(demo_family, demo_family_rebuild):
     process, rebuilt = demo_family_rebuild
     assert process.wait(timeout=600) == 0, (rebuilt.parent / "build.log").read_text()

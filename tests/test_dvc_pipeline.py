@@ -20,6 +20,7 @@ import yaml
 from mergeflow.demo_family.build import FamilySummary
 
 pytest_plugins = ["demo_family_fixtures"]
+pytestmark = pytest.mark.slow  # dvc repro of the whole project twice, on the demo family
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STAGES = ("family", "merge", "evaluate", "publish")

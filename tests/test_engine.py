@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from method_cases import NAMES, call_kwargs, model_count, names_where, recipe_for, uses_base
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from transformers import AutoModelForCausalLM
@@ -138,13 +139,9 @@ def test_model_card_has_hub_metadata_and_recipe(family: dict[str, Path], tmp_pat
     assert "merge_method: ties" in card
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "ties"])
+@pytest.mark.parametrize("method", NAMES)
 def test_reruns_are_byte_identical_whatever_the_shard_order(method: str, sharded_bf16_family: dict[str, Path], tmp_path: Path) -> None:
-    recipe = ties_recipe(sharded_bf16_family, dtype="bfloat16", seed=7)
-    recipe["merge_method"] = method
-    if method == "della":
-        for m in recipe["models"]:
-            m["parameters"]["epsilon"] = 0.1
+    recipe = recipe_for(method, sharded_bf16_family, dtype="bfloat16", seed=7)  # from the declaration: density 0.5 where declared
     first = merge(recipe, tmp_path / "first", shard_size=20_000)
     # second run: a fresh plan, shards written in reverse order, then finalized
     second = plan_merge(parse_recipe(recipe), shard_size=20_000)
@@ -254,11 +251,11 @@ def test_streaming_writer_refuses_wrong_tensors_and_leaves_nothing(tmp_path: Pat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("method", names_where(lambda m: m.elementwise))
 def test_row_blocks_give_the_same_bytes_as_whole_tensors(method: str, family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import merge_ops.engine as engine
 
-    recipe = ties_recipe(family, merge_method=method)
+    recipe = recipe_for(method, family)
     plan = plan_merge(parse_recipe(recipe))
     assert engine.split_into_pieces(plan, 0) == [engine.Piece(t) for t in plan.shards[0].tensors]
     (tmp_path / "whole").mkdir()
@@ -289,24 +286,21 @@ def test_tokenizer_source_choice_and_union(family: dict[str, Path], tmp_path: Pa
     plan_merge(parse_recipe({**ties_recipe(family), "tokenizer_source": "union"}))  # same vocabularies: fine
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp", "task_arithmetic", "della_linear"])
+@pytest.mark.parametrize("method", names_where(lambda m: m.upcasts))
 def test_methods_that_upcast_blockwise_equal_upcasting_first(method: str) -> None:
     from merge_ops.methods.registry import METHODS
 
     m = METHODS[method]
-    assert m.upcasts
     g = torch.Generator().manual_seed(0)
     base = torch.randn(64, 48, generator=g).to(torch.bfloat16)
-    xs = [(base.float() + 0.1 * torch.randn(64, 48, generator=g)).to(torch.bfloat16) for _ in range(1 if method == "slerp" else 2)]
-    params = {"t": 0.3} if method == "slerp" else {"weight": [0.6, 0.5], "lambda_": 1.0, "normalize": False}
-    if method in ("ties", "dare_ties", "della_linear"):
-        params |= {"density": [0.5, 0.5], "rescale": True}
-    if method == "della_linear":
-        params["epsilon"] = [0.1, 0.1]
-    random = {"generator": torch.Generator().manual_seed(1)} if m.random else {}
-    lazy = m(xs, base, dtype=torch.float32, **params, **random)
-    random = {"generator": torch.Generator().manual_seed(1)} if m.random else {}
-    eager = m([x.float() for x in xs], base.float(), **params, **random)
+    xs = [(base.float() + 0.1 * torch.randn(64, 48, generator=g)).to(torch.bfloat16) for _ in range(model_count(method))]
+    base_or_none = base if uses_base(method) else None
+
+    def params() -> dict:  # a fresh generator each time for random methods
+        return call_kwargs(method, len(xs), seed=1, sparse=True, normalize=False, rescale=True)
+
+    lazy = m(xs, base_or_none, dtype=torch.float32, **params())
+    eager = m([x.float() for x in xs], None if base_or_none is None else base.float(), **params())
     assert lazy.dtype == torch.float32 and torch.equal(lazy, eager)
 
 

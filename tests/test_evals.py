@@ -15,6 +15,7 @@ from mergeflow.demo_family.skills import SKILLS
 
 # A plugin, not an import: imported fixtures would be one session fixture per module (two builds).
 pytest_plugins = ["demo_family_fixtures"]
+pytestmark = pytest.mark.slow  # lm-eval (library and CLI) on the demo family
 
 # Measured on the default family (lm-eval exact match on the 200 held-out items of each skill):
 # add 0.870, reverse 0.990, cipher 0.895; base at most 0.010; a fine-tune on another skill at most 0.010.

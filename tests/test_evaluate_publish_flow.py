@@ -30,6 +30,7 @@ from tasks.sources import ResolvedSource
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
 pytest_plugins = ["demo_family_fixtures", "evaluate_publish_fixtures"]
+pytestmark = pytest.mark.slow  # the Prefect flow with lm-eval, MLflow and a LocalHub on the demo family
 
 EVALUATION = EvalSettings(tasks=["skill_add", "skill_reverse"], include_path=EVALS, limit=40, batch_size=32, dtype="float32")
 PUBLISHED = "mergeflow/skills-ta"

@@ -14,6 +14,7 @@ from tasks.evaluation import evaluate_model, model_content_hash
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
 pytest_plugins = ["demo_family_fixtures"]
+pytestmark = pytest.mark.slow  # real lm-eval on the demo family
 
 TASKS = ["skill_add", "skill_reverse"]
 LIMIT = 20

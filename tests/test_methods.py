@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from method_cases import NAMES, call_kwargs, model_count, names_where, uses_base
 
 from merge_ops.methods import sparsify
 from merge_ops.methods.registry import METHODS
@@ -329,19 +330,19 @@ def test_dare_rescale_preserves_the_l1_norm_of_each_delta() -> None:
         torch.testing.assert_close(merged[mask], d[mask] * (d.abs().sum() / masked_l1), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della", "della_linear"])
-def test_random_methods_are_reproducible_from_the_generator_seed(name: str) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_reruns_are_bit_identical_and_random_methods_follow_the_seed(name: str) -> None:
     g = gen(9)
     base = torch.randn(8, 16, generator=g)
-    xs = [base + torch.randn(8, 16, generator=g) for _ in range(2)]
+    xs = [base + torch.randn(8, 16, generator=g) for _ in range(model_count(name))]
 
     def run(seed: int) -> torch.Tensor:
-        if name.startswith("dare"):
-            return dare(name, xs, base, [0.5, 0.5], density=[0.5, 0.5], seed=seed)
-        return della(name, xs, base, [0.5, 0.5], density=[0.5, 0.5], epsilon=[0.1, 0.1], seed=seed)
+        inputs, base_in = [x.clone() for x in xs], base.clone() if uses_base(name) else None
+        return METHODS[name](inputs, base_in, **call_kwargs(name, len(xs), seed=seed, sparse=True))
 
     assert torch.equal(run(7), run(7))
-    assert not torch.equal(run(7), run(8))
+    if METHODS[name].random:  # the generator seed decides the masks
+        assert not torch.equal(run(7), run(8))
 
 
 # --- breadcrumbs ----------------------------------------------------------------------------------
@@ -463,67 +464,47 @@ def test_passthrough_scale() -> None:
     assert torch.equal(METHODS["passthrough"]([x], None, scale=[1.0]), x)
 
 
-# --- merging a model with itself ------------------------------------------------------------------
+# --- merging a model with itself (every registered method: method_cases.NAMES) -----------------------
 
 X_SELF = T([[0.5, -1.25, 3.0], [2.0, 0.0, -0.75]])
 OTHER_BASE = T([[0.0, 1.0, 2.0], [-1.0, 0.5, 0.25]])
 
-SELF_MERGES = {
-    # x with itself, weights summing to anything: normalize gives x back.
-    "linear": lambda x: linear([x, x.clone()], [0.25, 0.75]),
-    "slerp": lambda x: slerp(x, x.clone(), 0.4),
-    "nearswap": lambda x: METHODS["nearswap"]([x.clone()], x, t=0.3),
-    "passthrough": lambda x: METHODS["passthrough"]([x], None, scale=[1.0]),
-    # two copies of x over another base: identical offsets -> t = 1 -> mean = x.
-    "model_stock": lambda x: METHODS["model_stock"]([x, x.clone()], OTHER_BASE, filter_wise=False),
-    # two copies of x over another base: every element agrees, the normalized mean of equal deltas is the delta.
-    "ties": lambda x: ties([x, x.clone()], OTHER_BASE, [0.3, 0.7]),
-    "task_arithmetic_normalized": lambda x: task_arithmetic([x, x.clone()], OTHER_BASE, [0.3, 0.7], normalize=True),
-    # the task-arithmetic family with x as its own base: every delta is 0 -> the base, x.
-    "task_arithmetic": lambda x: task_arithmetic([x.clone()], x, [1.0]),
-    "ties_base_x": lambda x: ties([x.clone()], x, [1.0], density=[0.5]),
-    "dare_ties": lambda x: dare("dare_ties", [x.clone()], x, [1.0], density=[0.5]),
-    "dare_linear": lambda x: dare("dare_linear", [x.clone()], x, [1.0], density=[0.5]),
-    "breadcrumbs": lambda x: breadcrumbs("breadcrumbs", [x.clone()], x, [1.0], density=[0.5], gamma=[0.2]),
-    "breadcrumbs_ties": lambda x: breadcrumbs("breadcrumbs_ties", [x.clone()], x, [1.0], density=[0.5], gamma=[0.2]),
-    "della": lambda x: della("della", [x.clone()], x, [1.0], density=[0.5], epsilon=[0.1]),
-    "della_linear": lambda x: della("della_linear", [x.clone()], x, [1.0], density=[0.5], epsilon=[0.1]),
-}
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merging_a_model_with_itself_gives_itself(name: str) -> None:
+    # Copies of x, with x as the base where the method uses one: every task vector and offset is 0 (whatever is
+    # trimmed or dropped), slerp and nearswap interpolate between equal tensors, linear and passthrough combine
+    # copies of x. Parameters from the declaration: required ones set, density 0.5 where declared.
+    n = model_count(name)
+    base = X_SELF.clone() if uses_base(name) else None
+    out = METHODS[name]([X_SELF.clone() for _ in range(n)], base, **call_kwargs(name, n, sparse=True))
+    torch.testing.assert_close(out, X_SELF, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", sorted(SELF_MERGES))
-def test_merging_a_model_with_itself_gives_itself(case: str) -> None:
-    torch.testing.assert_close(SELF_MERGES[case](X_SELF), X_SELF, rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize("name", names_where(lambda m: "normalize" in m.params))
+def test_identical_models_over_another_base_give_that_model(name: str) -> None:
+    # Every method declaring `normalize`: with it on, the merged (task) vector is a weighted mean of the models'
+    # (task) vectors; identical ones agree everywhere and, nothing trimmed (density 1 where declared), give
+    # theirs back over any base (linear takes no base), whatever the weights.
+    n = model_count(name)
+    base = OTHER_BASE.clone() if uses_base(name) else None
+    weights = [0.3 + 0.4 * i for i in range(n)]
+    out = METHODS[name]([X_SELF.clone() for _ in range(n)], base, **call_kwargs(name, n, normalize=True, density=1.0, weight=weights))
+    torch.testing.assert_close(out, X_SELF, rtol=1e-6, atol=1e-6)
 
 
 # --- dtype ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", sorted(SELF_MERGES))
-def test_output_dtype_is_the_input_dtype(case: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_output_dtype_is_the_input_dtype(name: str, dtype: torch.dtype) -> None:
     g = gen(4)
     x = torch.randn(3, 4, generator=g).to(dtype)
     base = torch.randn(3, 4, generator=g).to(dtype)
     other = (x + torch.randn(3, 4, generator=g)).to(dtype)
-    calls = {
-        "linear": lambda: linear([x, other], [0.25, 0.75]),
-        "slerp": lambda: slerp(base, x, 0.4),
-        "nearswap": lambda: METHODS["nearswap"]([x], base, t=0.3),
-        "passthrough": lambda: METHODS["passthrough"]([x], None, scale=[2.0]),
-        "model_stock": lambda: METHODS["model_stock"]([x, other], base, filter_wise=True),
-        "ties": lambda: ties([x, other], base, [0.3, 0.7], density=[0.5, 0.5], rescale=True),
-        "task_arithmetic_normalized": lambda: task_arithmetic([x, other], base, [0.3, 0.7], normalize=True),
-        "task_arithmetic": lambda: task_arithmetic([x, other], base, [0.3, 0.7]),
-        "ties_base_x": lambda: ties([x, other], base, [0.3, 0.7], density=[0.5, 0.5]),
-        "dare_ties": lambda: dare("dare_ties", [x, other], base, [1.0, 1.0], density=[0.5, 0.5]),
-        "dare_linear": lambda: dare("dare_linear", [x, other], base, [1.0, 1.0], density=[0.5, 0.5]),
-        "breadcrumbs": lambda: breadcrumbs("breadcrumbs", [x, other], base, [1.0, 1.0], [0.5, 0.5], [0.1, 0.1]),
-        "breadcrumbs_ties": lambda: breadcrumbs("breadcrumbs_ties", [x, other], base, [1.0, 1.0], [0.5, 0.5], [0.1, 0.1]),
-        "della": lambda: della("della", [x, other], base, [1.0, 1.0], density=[0.5, 0.5], epsilon=[0.1, 0.1]),
-        "della_linear": lambda: della("della_linear", [x, other], base, [1.0, 1.0], density=[0.5, 0.5], epsilon=[0.1, 0.1]),
-    }
-    out = calls[case]()
+    n = model_count(name)
+    out = METHODS[name]([x, other][:n], base if uses_base(name) else None, **call_kwargs(name, n, sparse=True))
     assert out.dtype == dtype
     assert out.shape == x.shape
 

@@ -53,6 +53,7 @@ def artifact(key: str) -> str:
     return str(found[0].data)
 
 
+@pytest.mark.slow
 def test_pipeline_from_hub(prefect_api: str, sharded_bf16_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub_online(tmp_path, monkeypatch)
     fam = sharded_bf16_family
@@ -78,6 +79,7 @@ def test_pipeline_from_hub(prefect_api: str, sharded_bf16_family: dict[str, Path
     assert "Compatibility: compatible" in compat and "Weight space" in compat
 
 
+@pytest.mark.slow
 def test_runners_give_identical_bytes(
     prefect_api: str, dask_cluster: LocalCluster, sharded_bf16_family: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -100,6 +102,7 @@ def test_runners_give_identical_bytes(
         assert files == reference, name
 
 
+@pytest.mark.slow
 def test_incompatible_models_stop_before_any_download(
     prefect_api: str, family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -119,6 +122,7 @@ def test_incompatible_models_stop_before_any_download(
     assert "not compatible" in artifact("compatibility-report")
 
 
+@pytest.mark.slow
 def test_existing_output_is_kept_unless_forced(prefect_api: str, family: dict[str, Path], tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", {"merge_method": "linear", "models": [{"model": str(family[n]), "parameters": {"weight": 1.0}} for n in ("ft_a", "ft_b")]})
     out = tmp_path / "merged"
@@ -131,6 +135,7 @@ def test_existing_output_is_kept_unless_forced(prefect_api: str, family: dict[st
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file() and summary.out == out
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_recomputes_only_missing_shards(
     prefect_api: str, sharded_bf16_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

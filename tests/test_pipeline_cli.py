@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
@@ -29,6 +30,7 @@ def test_check_fails_listing_every_problem(family: dict[str, Path], tmp_path: Pa
     assert "not compatible" in result.output and "hidden_size is 32" in result.output and "other shapes" in result.output
 
 
+@pytest.mark.slow
 def test_run_merges_like_merge(prefect_api: str, family: dict[str, Path], tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "r.yaml", ties_recipe(str(family["base"]), str(family["ft_a"]), str(family["ft_b"])))
     result = runner.invoke(app, ["run", str(recipe), str(tmp_path / "run"), "--shard-size", "20KB", "--workers", "2"])

@@ -108,6 +108,7 @@ def test_publish_then_identical_content_makes_no_new_commit(merged: Path, tmp_pa
         assert len(api.list_repo_commits(REPO_ID)) == commits + 1
 
 
+@pytest.mark.slow
 def test_refusals_are_not_retried(prefect_api: str, merged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub_online(tmp_path, monkeypatch)
     attempts: list[int] = []

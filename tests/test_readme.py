@@ -16,6 +16,11 @@ def test_readme_method_table_is_generated_from_the_registry() -> None:
 
 
 def test_readme_starts_with_the_two_commands() -> None:
+    # Right under the title, one bash block of exactly two commands (each with a comment): the main job, then the
+    # tests; both scripts exist.
     lines = [line for line in README.read_text().splitlines() if line.strip()]
-    assert lines[1:5] == ["```bash", lines[2], lines[3], "```"]
-    assert lines[2].startswith("bash scripts/main.sh") and lines[3].startswith("bash scripts/test.sh")
+    assert lines[0].startswith("# ") and lines[1] == "```bash" and lines[4] == "```", lines[:5]
+    commands = [line.split("#", 1)[0].strip() for line in lines[2:4]]
+    assert commands == ["bash scripts/main.sh", "bash scripts/test.sh"], lines[2:4]
+    assert all("#" in line for line in lines[2:4]), "each command says what it does"
+    assert all((README.parent / command.split()[1]).is_file() for command in commands)

@@ -23,6 +23,7 @@ from pipeline_helpers import write_recipe
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CRON = "0 3 * * *"
+pytestmark = pytest.mark.slow  # a real `prefect server start` and `mergeflow serve` subprocesses
 
 
 def free_port() -> int:

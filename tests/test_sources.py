@@ -80,6 +80,7 @@ def test_token_comes_from_the_environment(model_with_extras: Path, tmp_path: Pat
         assert (source.path / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_tasks_never_log_the_token_and_do_not_retry_permanent_errors(
     prefect_api: str, model_with_extras: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

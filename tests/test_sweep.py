@@ -103,6 +103,7 @@ def test_cli_refuses_a_bad_grid_or_an_existing_folder_before_running(tmp_path: P
 # -- the flow, end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sweep_ranks_tracks_and_publishes_the_best(
     prefect_api: str, mlflow_store: str, demo_family, demo_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -72,6 +72,7 @@ def artifact_files(client: MlflowClient, run_id: str, path: str = "") -> set[str
     return found
 
 
+@pytest.mark.slow
 def test_the_local_store_is_one_folder(mlflow_store: str, merged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -85,6 +86,7 @@ def test_the_local_store_is_one_folder(mlflow_store: str, merged, tmp_path: Path
     assert not [p for p in stored if p.suffix == ".safetensors"], "the weights are never copied into the store"
 
 
+@pytest.mark.slow
 def test_the_run_holds_params_metrics_lineage_and_artifacts(mlflow_store: str, merged, tmp_path: Path) -> None:
     run = track(*merged, tmp_path)
     client = MlflowClient(tracking_uri=mlflow_store)
@@ -110,6 +112,7 @@ def test_the_run_holds_params_metrics_lineage_and_artifacts(mlflow_store: str, m
     assert client.get_run(run.run_id).info.status == "RUNNING", "open until the outcome is recorded"
 
 
+@pytest.mark.slow
 def test_registered_version_carries_lineage_and_the_hub_commit(mlflow_store: str, merged, tmp_path: Path) -> None:
     first = track(*merged, tmp_path)
     client = MlflowClient(tracking_uri=mlflow_store, registry_uri=mlflow_store)
@@ -143,6 +146,7 @@ def test_registered_version_carries_lineage_and_the_hub_commit(mlflow_store: str
         assert text in result.output
 
 
+@pytest.mark.slow
 def test_mlflow_tracking_uri_overrides_the_local_store(mlflow_store: str, mlflow_template: Path, merged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     team = tmp_path / "team" / "mlflow.db"
     team.parent.mkdir()
@@ -154,6 +158,7 @@ def test_mlflow_tracking_uri_overrides_the_local_store(mlflow_store: str, mlflow
     assert not MlflowClient(tracking_uri=mlflow_store).search_registered_models()
 
 
+@pytest.mark.slow
 def test_unknown_model_is_one_clear_error(mlflow_store: str) -> None:
     with pytest.raises(TrackingError, match="refused the request.*MLFLOW_TRACKING_URI"):
         lineage("nobody")
@@ -168,6 +173,7 @@ def test_flatten_and_metric_names() -> None:
     assert metric_name("eval", "source", "org/model@v1", "gsm8k", "exact_match,strict") == "eval/source/org/model_v1/gsm8k/exact_match_strict"
 
 
+@pytest.mark.slow
 def test_lineage_has_hashes_git_and_the_dvc_hash_under_dvc(merged, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import subprocess
     import sys
