@@ -49,7 +49,7 @@ StateDict = dict[str, torch.Tensor]
 
 def evaluate(model_dir: Path, tasks: list[str]) -> dict[str, float]:
     """lm-eval exact match of ``model_dir`` on ``tasks`` (tasks and groups), offline, via the pipeline's evaluator."""
-    from tasks.evaluation import evaluate_model
+    from mergeflow.evaluation import evaluate_model
 
     result = evaluate_model(model_dir, tasks=tasks, include_path=EVALS, batch_size=32, dtype="float32", cache_dir=CACHE_EVALS)
     return result.scores

@@ -14,33 +14,26 @@ A failed gate is recorded in MLflow and ends the flow with GateFailedError (noth
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from merge_ops import settings
-from merge_ops.errors import GateFailedError
-from tasks.chart import plot_scores
-from tasks.compatibility import CompatibilityReport
-from tasks.evaluation import EvalResult, EvalSettings, evaluate_model_task
-from tasks.gate import GateDecision, GatePolicy, apply_gate_task
-from tasks.lineage import Lineage, SourceRecord
-from tasks.publish import Published, PublishTarget, publish_model_task, write_card_task
-from tasks.sources import ResolvedSource
-from tasks.tracking import (
-    MergeStats,
-    TrackedRun,
-    process_peak_rss,
-    record_outcome_task,
-    track_run_task,
-)
-
-Outcome = Literal["published", "gate_failed", "not_published"]
+from merge_ops.compatibility import CompatibilityReport
+from merge_ops.recipe import Recipe
+from mergeflow import settings
+from mergeflow.errors import GateFailedError
+from mergeflow.evaluation import EvalResult, EvalSettings
+from mergeflow.gate import GateDecision, GatePolicy, Outcome, outcome
+from mergeflow.hub import Published, PublishTarget
+from mergeflow.lineage import Lineage
+from mergeflow.sources import Source
+from mergeflow.tracking import MergeStats, TrackedRun, process_peak_rss
+from tasks.evaluation import evaluate_model_task, report_evaluation
+from tasks.gate import apply_gate_task
+from tasks.publish import publish_model_task, write_card_task
+from tasks.tracking import record_outcome_task, track_run_task
 
 
 class EvaluatePublishResult(BaseModel):
@@ -57,29 +50,11 @@ def _run_name() -> str:
     return f"evaluate-publish-{Path(str(flow_run.parameters['merged_dir'])).name}"
 
 
-def source_records(sources: list[ResolvedSource] | dict[str, Path]) -> list[SourceRecord]:
-    """The pipeline's resolved sources (or ``{recipe key: folder}``) as lineage records."""
-    if isinstance(sources, dict):
-        return [SourceRecord(key=k, path=str(Path(p).resolve())) for k, p in sources.items()]
-    return [SourceRecord(key=s.key, repo_id=s.repo_id, revision=s.revision, commit_sha=s.commit_sha, path=str(s.path) if s.path else None) for s in sources]
-
-
-def evaluation_report(merged: EvalResult, sources: dict[str, EvalResult], names: dict[str, str]) -> str:
-    columns = list(sources)
-    lines = ["# Evaluation", "", "| task | merged | " + " | ".join(f"`{names.get(c, c)}`" for c in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
-    for task_name, value in merged.scores.items():
-        cells = " | ".join(f"{sources[c].scores[task_name]:.4f}" if task_name in sources[c].scores else "-" for c in columns)
-        lines.append(f"| {task_name} ({merged.primary[task_name]}) | **{value:.4f}** | {cells} |")
-    cached = [names.get(k, k) for k, r in sources.items() if r.cached] + (["merged"] if merged.cached else [])
-    return "\n".join(lines + ["", f"From the evaluation cache: {', '.join(cached) or 'none'}."]) + "\n"
-
-
 @flow(name="evaluate_track_publish", flow_run_name=_run_name)
 def evaluate_track_publish(
     merged_dir: Path,
-    recipe: Path,
-    sources: list[ResolvedSource] | dict[str, Path],
+    recipe: Recipe,
+    sources: list[Source],
     evaluation: EvalSettings | None = None,
     gate: GatePolicy | None = None,
     publish: PublishTarget | None = None,
@@ -95,9 +70,9 @@ def evaluate_track_publish(
 
     Args:
         merged_dir: the finished merged model folder (its README.md is rewritten as the Hub card).
-        recipe: the recipe file it was merged from (method, base, params, sha256).
-        sources: every model of the recipe, the base included: the pipeline's ``RunSummary.sources``
-            (``ResolvedSource``, with Hub repo ids and commits), or ``{recipe key: local folder}``.
+        recipe: the recipe it was merged from, as loaded (method, base, params, sha256).
+        sources: every model of the recipe, the base included, local: the pipeline's ``RunSummary.sources``
+            (with Hub repo ids and commits), or ``Source(key=..., path=...)`` for local folders.
         evaluation: lm-eval tasks and settings; default: ``eval:`` of ``params_file``.
         gate: the publication policy; default: ``gate:`` of ``params_file``.
         publish: Hub repo to publish to when the gate passes; None publishes nothing.
@@ -111,28 +86,23 @@ def evaluate_track_publish(
     Raises:
         GateFailedError: the gate failed (``fail_on_gate``); the MLflow run says why, nothing was published.
     """
-    merged_dir, recipe = Path(merged_dir).resolve(), Path(recipe).resolve()
+    merged_dir = Path(merged_dir).resolve()
     params = Path(params_file or settings.PARAMS_FILE)
     evaluation = evaluation or EvalSettings.from_params(params)
     gate = gate or GatePolicy.from_params(params)
     model_name = model_name or (publish.repo_id.split("/")[-1] if publish else merged_dir.name)
-    records = source_records(sources)
     stats = stats or MergeStats(peak_rss_bytes=process_peak_rss())
 
     # Evaluate the merged model, then every source and the base (cached by content: each evaluates once)
     merged = evaluate_model_task(merged_dir, evaluation, "merged", eval_cache_dir)
-    scores = {r.key: evaluate_model_task(Path(r.path), evaluation, r.key, eval_cache_dir) for r in records if r.path}
-    names = {r.key: r.label for r in records}
-    create_markdown_artifact(evaluation_report(merged, scores, names), key="evaluation-report", description=f"lm-eval of {merged_dir.name}")
+    scores = {s.key: evaluate_model_task(s.path, evaluation, s.key, eval_cache_dir) for s in sources if s.path}
+    report_evaluation(merged, scores, {s.key: s.label for s in sources})
 
-    # The Hub card (evaluation, recipe, lineage) into the folder; lineage and hashes of the final folder
-    lineage = write_card_task(merged_dir, recipe, records, merged, scores, model_name)
-    with tempfile.TemporaryDirectory(prefix="mergeflow-chart-") as tmp:
-        chart = plot_scores(merged.scores, {names[k]: r.scores for k, r in scores.items()}, Path(tmp) / "scores.png",
-                            title=f"{merged_dir.name}: merged vs sources")
+    # The Hub card (evaluation, recipe, lineage) into the folder; the lineage of the final folder
+    lineage = write_card_task(merged_dir, recipe, sources, merged, scores, model_name)
 
-        # Track: one MLflow run with params, metrics, lineage tags, artifacts; a registered version
-        run = track_run_task(merged_dir, recipe, lineage, merged, scores, evaluation, gate, model_name, stats, chart, compatibility, tracking_uri)
+    # Track: one MLflow run with params, metrics, lineage tags, artifacts, a chart; a registered version
+    run = track_run_task(merged_dir, recipe, lineage, merged, scores, evaluation, gate, model_name, stats, compatibility, tracking_uri)
 
     # Gate, then publish only when it passed; the outcome goes into MLflow either way
     decision = apply_gate_task(gate, merged, scores)
@@ -141,10 +111,10 @@ def evaluate_track_publish(
         try:
             published = publish_model_task(merged_dir, publish)
         except Exception:
-            record_outcome_task(run, decision, None, "publish_failed")
+            record_outcome_task(run, decision, "publish_failed")
             raise
-    record_outcome_task(run, decision, published)
-    outcome: Outcome = "published" if published else "not_published" if decision.passed else "gate_failed"
-    if outcome == "gate_failed" and fail_on_gate:
+    result = outcome(decision, published=published is not None)
+    record_outcome_task(run, decision, result, published)
+    if result == "gate_failed" and fail_on_gate:
         raise GateFailedError(merged_dir.name, decision.reasons, run_id=run.run_id)
-    return EvaluatePublishResult(outcome=outcome, merged=merged, sources=scores, gate=decision, lineage=lineage, run=run, published=published)
+    return EvaluatePublishResult(outcome=result, merged=merged, sources=scores, gate=decision, lineage=lineage, run=run, published=published)

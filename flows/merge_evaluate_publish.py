@@ -13,9 +13,9 @@ from pydantic import BaseModel
 from flows.evaluate_publish import EvaluatePublishResult, evaluate_track_publish
 from flows.merge_pipeline import merge_pipeline
 from merge_ops.plan import DEFAULT_SHARD_SIZE
-from tasks.publish import PublishTarget
-from tasks.summary import RunSummary
-from tasks.tracking import MergeStats
+from mergeflow.hub import PublishTarget
+from mergeflow.run_summary import RunSummary
+from mergeflow.tracking import MergeStats
 
 
 class PipelineResult(BaseModel):
@@ -53,7 +53,7 @@ def merge_evaluate_publish(
     # Evaluate, track, gate, publish
     target = PublishTarget(repo_id=publish_repo, private=private, endpoint=endpoint) if publish_repo else None
     evaluation = evaluate_track_publish(
-        merged_dir=summary.out, recipe=recipe, sources=summary.sources, stats=MergeStats.from_summary(summary),
+        merged_dir=summary.out, recipe=summary.recipe, sources=summary.sources, stats=MergeStats.from_summary(summary),
         compatibility=summary.compatibility, publish=target, params_file=params_file,
     )
     return PipelineResult(merge=summary, evaluation=evaluation)

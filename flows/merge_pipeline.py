@@ -7,36 +7,47 @@ Run it with ``mergeflow run RECIPE OUT``, on a schedule with ``mergeflow serve R
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from prefect import flow, unmapped
 from prefect.runtime import flow_run
 
 from flows.runners import default_task_runner
+from merge_ops.compatibility import CompatibilityReport
+from merge_ops.headers import ModelHeaders
 from merge_ops.plan import DEFAULT_SHARD_SIZE
 from merge_ops.recipe import Recipe
-from tasks.compatibility import CompatibilityReport, check_compatibility
-from tasks.headers import read_model_headers
-from tasks.recipe import read_recipe
+from mergeflow.run_summary import RunSummary
+from mergeflow.sources import Source
+from tasks.checks import check_compatibility, check_weight_space
+from tasks.recipe import load_recipe
 from tasks.shards import finalize_model, merge_shard, plan_shards
-from tasks.sources import ResolvedSource, download_model, resolve_model
-from tasks.summary import RunSummary, summarize_run
-from tasks.weight_space import check_weight_space
+from tasks.sources import download_model, read_model_headers, resolve_model
+from tasks.summary import summarize_run
+
+
+class PreparedSources(NamedTuple):
+    """The recipe's models, pinned, checked and downloaded: what every merge of the recipe starts from."""
+
+    sources: list[Source]
+    headers: list[ModelHeaders]
+    report: CompatibilityReport
 
 
 def prepare_sources(
-    parsed: Recipe, recipe: Path, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None
-) -> tuple[list[ResolvedSource], CompatibilityReport]:
+    recipe: Recipe, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None
+) -> PreparedSources:
     """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local."""
     # Pin every model to a commit (Hub) or a folder (local), downloading nothing
-    resolved = resolve_model.map(parsed.referenced_models, unmapped(recipe), unmapped(endpoint)).result()
+    resolved = resolve_model.map(recipe.referenced_models, unmapped(recipe.base_dir), unmapped(endpoint)).result()
 
     # Check compatibility from configs and safetensors headers, before any weight is downloaded
     headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
-    report = check_compatibility(parsed, headers)
+    report = check_compatibility(recipe, headers)
 
     # Download the weights, then check each model is a fine-tune of the base
     sources = download_model.map(resolved, unmapped(endpoint), unmapped(cache_dir), unmapped(extra_patterns)).result()
-    return sources, check_weight_space(parsed, report, sources)
+    return PreparedSources(sources, headers, check_weight_space(recipe, report, headers, sources))
 
 
 def _run_name() -> str:
@@ -68,14 +79,14 @@ def merge_pipeline(
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
     """
     # Load the recipe; pin, check, download and check the models again in weight space
-    parsed = read_recipe(recipe)
-    sources, report = prepare_sources(parsed, recipe, endpoint, cache_dir, extra_patterns)
+    parsed = load_recipe(recipe)
+    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns)
 
     # Plan into a staging folder; merge the shards in parallel (shards already there are skipped)
-    staging = plan_shards(recipe, sources, out, shard_size, compute_dtype, force)
+    staging = plan_shards(parsed, headers, sources, out, shard_size, compute_dtype, force)
     shard_task = merge_shard.with_options(result_storage=staging.results_dir)
     results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
 
     # Finalize (index, config, tokenizer, card), move into place, report
     final = finalize_model(staging, results, force)
-    return summarize_run(sources, report, staging, results, final)
+    return summarize_run(parsed, sources, report, staging, results, final)

@@ -5,7 +5,7 @@ import os
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from merge_ops import settings
+from mergeflow import settings
 
 
 def make_task_runner(*, workers: int | None = None, dask_address: str | None = None, dask_workers: int = 0) -> TaskRunner:

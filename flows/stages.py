@@ -11,10 +11,14 @@ from prefect import flow, unmapped
 
 from flows.evaluate_publish import EvaluatePublishResult, evaluate_track_publish
 from flows.merge_pipeline import merge_pipeline
-from tasks.evaluation import EvalSettings, evaluate_model_task
-from tasks.publish import PublishTarget
-from tasks.sources import ResolvedSource, download_model
-from tasks.stage_params import MergeParams, PublishParams
+from mergeflow.evaluation import EvalSettings
+from mergeflow.hub import PublishTarget
+from mergeflow.params import MergeParams, PublishParams
+from mergeflow.run_summary import RunSummary
+from mergeflow.sources import Source
+from tasks.evaluation import evaluate_model_task
+from tasks.recipe import load_recipe
+from tasks.sources import download_model
 from tasks.stage_records import (
     make_release,
     read_merge_stats,
@@ -25,7 +29,6 @@ from tasks.stage_records import (
     write_scores,
     write_sources_record,
 )
-from tasks.summary import RunSummary
 
 
 @flow(name="merge_stage", flow_run_name="dvc-merge")
@@ -51,7 +54,7 @@ def merge_stage(
     return summary
 
 
-def _sources(sources_file: Path, endpoint: str | None, cache_dir: Path | None) -> list[ResolvedSource]:
+def _sources(sources_file: Path, endpoint: str | None, cache_dir: Path | None) -> list[Source]:
     """The merge stage's pinned sources, downloaded again where this workspace lacks them (after ``dvc pull``)."""
     return download_model.map(read_sources_record(sources_file), unmapped(endpoint), unmapped(cache_dir)).result()
 
@@ -82,7 +85,7 @@ def publish_stage(
     sources = _sources(sources_file, endpoint, cache_dir)
     folder = make_release(merged, release)
     result = evaluate_track_publish(
-        merged_dir=folder, recipe=recipe, sources=sources, stats=read_merge_stats(log_file), params_file=params_file,
+        merged_dir=folder, recipe=load_recipe(recipe), sources=sources, stats=read_merge_stats(log_file), params_file=params_file,
         publish=PublishTarget(repo_id=target.repo, private=target.private, endpoint=endpoint) if target.repo else None,
         model_name=(target.repo or recipe.stem).split("/")[-1], fail_on_gate=False,
     )

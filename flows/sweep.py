@@ -20,13 +20,14 @@ from pydantic import BaseModel
 from flows.evaluate_publish import EvaluatePublishResult, evaluate_track_publish
 from flows.merge_pipeline import prepare_sources
 from flows.runners import default_task_runner
-from merge_ops import settings
-from tasks.evaluation import EvalSettings, evaluate_model_task
-from tasks.gate import GatePolicy
-from tasks.publish import PublishTarget
-from tasks.recipe import read_recipe
+from mergeflow import settings
+from mergeflow.evaluation import EvalSettings
+from mergeflow.gate import GatePolicy
+from mergeflow.hub import PublishTarget
+from mergeflow.sweep import CandidateResult
+from tasks.evaluation import evaluate_model_task
+from tasks.recipe import load_recipe
 from tasks.sweep import (
-    CandidateResult,
     merge_candidate_task,
     rank_candidates_task,
     record_sweep_outcome_task,
@@ -90,15 +91,15 @@ def sweep(
     evaluation = evaluation or EvalSettings.from_params(params)
 
     # Load the recipe; write one recipe per candidate
-    parsed = read_recipe(recipe)
-    candidates = write_candidates_task(recipe, grid, out, force)
+    parsed = load_recipe(recipe)
+    candidates = write_candidates_task(parsed, grid, out, force)
 
     # Resolve, check and download the sources once for every candidate
-    sources, report = prepare_sources(parsed, recipe, endpoint, cache_dir)
+    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir)
 
     # Merge the candidates concurrently (as many at once as the task runner has workers); meanwhile evaluate the
     # sources, then each candidate as soon as it is merged: one at a time, lm-eval's accelerate state is per process
-    merges = merge_candidate_task.map(candidates, unmapped(sources), unmapped(device), unmapped(force))
+    merges = merge_candidate_task.map(candidates, unmapped(headers), unmapped(sources), unmapped(device), unmapped(force))
     references = {s.key: evaluate_model_task(s.path, evaluation, s.key, eval_cache_dir) for s in sources if s.path}
     shards, evaluations = [], []
     for candidate, merged in zip(candidates, merges):
@@ -107,14 +108,14 @@ def sweep(
 
     # Rank; one MLflow parent run with a child run per candidate; the ranked table as an artifact
     ranked = rank_candidates_task(candidates, shards, evaluations)
-    tracking = track_sweep_task(recipe, grid, ranked, references, evaluation, tracking_uri)
+    tracking = track_sweep_task(parsed, grid, ranked, references, evaluation, tracking_uri)
 
     # The best candidate through evaluate -> track -> gate -> publish (its evaluations come from the cache)
     published = None
     if publish_repo:
         best = tracking.candidates[0]
         published = evaluate_track_publish(
-            merged_dir=best.folder, recipe=best.recipe, sources=sources, evaluation=evaluation, gate=gate,
+            merged_dir=best.folder, recipe=load_recipe(best.recipe), sources=sources, evaluation=evaluation, gate=gate,
             publish=PublishTarget(repo_id=publish_repo, private=private, endpoint=endpoint), compatibility=report,
             params_file=params, eval_cache_dir=eval_cache_dir, tracking_uri=tracking.tracking_uri, fail_on_gate=False,
         )

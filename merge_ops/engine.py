@@ -17,7 +17,7 @@ from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.methods.registry import get_method
 from merge_ops.model_folder import write_model_files
 from merge_ops.plan import MergePlan, TensorJob, torch_dtype
-from merge_ops.safetensors_io import StreamingSafetensorsWriter, TensorBlocks
+from merge_ops.safetensors_io import DTYPE_NAMES, StreamingSafetensorsWriter, TensorBlocks, tensor_nbytes
 
 BLOCK_ELEMENTS = 1 << 20
 """Elementwise methods merge tensors larger than this in row blocks of about this many elements."""
@@ -40,6 +40,11 @@ class Piece:
     @property
     def nbytes(self) -> int:
         return self.job.nbytes if self.rows is None else self.job.nbytes // self.job.shape[0] * (self.rows[1] - self.rows[0])
+
+    @property
+    def numel(self) -> int:
+        numel = math.prod(self.job.shape)
+        return numel if self.rows is None else numel // self.job.shape[0] * (self.rows[1] - self.rows[0])
 
     @property
     def completes_tensor(self) -> bool:
@@ -69,6 +74,28 @@ def split_into_pieces(plan: MergePlan, index: int) -> list[Piece]:
         step = max(1, BLOCK_ELEMENTS // (numel // job.shape[0]))
         pieces += [Piece(job, (r, min(r + step, job.shape[0]))) for r in range(0, job.shape[0], step)]
     return pieces
+
+
+def peak_memory_estimate(plan: MergePlan) -> int:
+    """Bytes the engine holds at its worst point, above the interpreter.
+
+    The inputs of ``READ_AHEAD + 1`` consecutive pieces (the current one and those read ahead: in the compute
+    dtype when the reader converts them, as stored otherwise), ``WRITE_BEHIND + 1`` results in the output dtype,
+    and two working copies of the largest piece in the compute dtype for the arithmetic.
+    """
+    pieces = [p for i in range(len(plan.shards)) for p in split_into_pieces(plan, i)]
+    if not pieces:
+        return 0
+    upcasts = get_method(plan.method).upcasts
+    compute = tensor_nbytes(DTYPE_NAMES[torch_dtype(plan.compute_dtype)], (1,))
+
+    def held(piece: Piece) -> int:
+        sources = [*piece.job.inputs, *([piece.job.base] if piece.job.base else [])]
+        return sum(piece.numel * (tensor_nbytes(s.dtype, (1,)) if upcasts else compute) for s in sources)
+
+    inputs = [held(p) for p in pieces]
+    read = max(sum(inputs[i : i + READ_AHEAD + 1]) for i in range(len(inputs)))
+    return read + (WRITE_BEHIND + 1) * max(p.nbytes for p in pieces) + 2 * compute * max(p.numel for p in pieces)
 
 
 @dataclass(frozen=True)

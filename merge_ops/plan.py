@@ -7,22 +7,21 @@ and in any process.
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-import yaml
 from pydantic import BaseModel
 
-from merge_ops.architecture import is_pre_layer, layer_count_key, layer_tensor_name, split_layer_name
+from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_name
 from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, RecipeError
+from merge_ops.headers import ModelHeaders, read_local_headers
 from merge_ops.methods.declaration import REQUIRED, MergeMethod
 from merge_ops.methods.registry import get_method
 from merge_ops.parameters import NOT_SET, layer_position, lookup
 from merge_ops.recipe import ModelRef, Parameters, Recipe
-from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, TensorInfo, read_tensor_index
+from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, tensor_nbytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "mergekit")
@@ -57,12 +56,12 @@ class TensorJob(BaseModel):
 
     @property
     def nbytes(self) -> int:
-        return TensorInfo(Path(), self.dtype, self.shape).nbytes
+        return tensor_nbytes(self.dtype, self.shape)
 
     @property
     def input_nbytes(self) -> int:
         sources = self.inputs + ([self.base] if self.base else [])
-        return sum(TensorInfo(Path(), s.dtype, self.shape).nbytes for s in sources)
+        return sum(tensor_nbytes(s.dtype, self.shape) for s in sources)
 
 
 class ShardJob(BaseModel):
@@ -103,39 +102,6 @@ class MergePlan(BaseModel):
     def input_bytes(self) -> int:
         return sum(t.input_nbytes for s in self.shards for t in s.tensors)
 
-    @property
-    def largest_tensor_job(self) -> TensorJob:
-        return max((t for s in self.shards for t in s.tensors), key=lambda t: t.input_nbytes)
-
-
-@dataclass
-class SourceModel:
-    """A local model folder: its config and tensor index (headers only)."""
-
-    key: str
-    path: Path
-    config: dict[str, Any]
-    tensors: dict[str, TensorInfo]
-    layers: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, key: str, path: Path) -> "SourceModel":
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(key, f"{path} has no config.json; point the recipe at a Hugging Face model folder")
-        tensors = read_tensor_index(path)
-        if not tensors:
-            raise ModelNotFoundError(key, f"{path} has no .safetensors weights (convert .bin checkpoints to safetensors first)")
-        layers: dict[int, list[tuple[str, str]]] = {}
-        for name in tensors:
-            parts = split_layer_name(name)
-            if parts:
-                layers.setdefault(parts[1], []).append((parts[0], parts[2]))
-        return cls(key, path, json.loads((path / "config.json").read_text()), tensors, layers)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.config[layer_count_key(self.config)])
-
 
 @dataclass
 class _Slice:
@@ -148,22 +114,24 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
-def resolve_sources(recipe: Recipe, sources: Mapping[str, Path] | None, base_dir: Path) -> dict[str, SourceModel]:
-    """Open every referenced model: from ``sources`` (ref key -> folder) or as a local path."""
-    opened = {}
+def read_models(recipe: Recipe) -> dict[str, ModelHeaders]:
+    """The headers of every model of the recipe, each a local folder (relative paths: cwd, then the recipe's folder).
+
+    Raises:
+        ModelNotFoundError: a reference is not a local model folder.
+    """
+    models = {}
     for ref in recipe.referenced_models:
-        given = (sources or {}).get(ref.key)
-        candidates = [Path(given)] if given else [Path(ref.path), base_dir / ref.path]
-        folder = next((c for c in candidates if c.is_dir()), None)
+        folder = next((c for c in (Path(ref.path), recipe.base_dir / ref.path) if c.is_dir()), None)
         if folder is None:
             raise ModelNotFoundError(
                 ref.key, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path"
             )
-        opened[ref.key] = SourceModel.open(ref.key, folder.resolve())
-    return opened
+        models[ref.key] = read_local_headers(ref.key, folder)
+    return models
 
 
-def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, SourceModel]) -> list[_Slice]:
+def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]) -> list[_Slice]:
     if recipe.slices is not None:
         return [_Slice([(s.model, s.layer_range, s.parameters) for s in sl.sources], sl.parameters) for sl in recipe.slices]
     members = [(m.model, m.parameters) for m in recipe.models or []]
@@ -175,7 +143,7 @@ def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, SourceModel])
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, SourceModel]) -> None:
+    def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]) -> None:
         self.recipe, self.method, self.models = recipe, method, models
         self.problems: list[str] = []
         self.mismatches: list[str] = []
@@ -192,7 +160,7 @@ class _Planner:
                 self.mismatches.append(f"{ref.key} has no tensor {source_name!r} (needed for {name})")
                 continue
             shapes[ref.key] = info.shape
-            found.append((ref, TensorSource(model=ref.key, file=str(info.file), name=source_name, dtype=info.dtype), params))
+            found.append((ref, TensorSource(model=ref.key, file=str(self.models[ref.key].file(source_name)), name=source_name, dtype=info.dtype), params))
         if len(set(shapes.values())) > 1:
             self.mismatches.append(f"{name}: shapes differ: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
         if len(found) != len(members) or len(set(shapes.values())) > 1:
@@ -229,7 +197,7 @@ class _Planner:
         )
 
     def jobs(self, slices: list[_Slice]) -> tuple[list[TensorJob], list[tuple[str, int]]]:
-        def reference(sl: _Slice) -> SourceModel:
+        def reference(sl: _Slice) -> ModelHeaders:
             base = self.recipe.base_model
             keys = [ref.key for ref, _, _ in sl.sources]
             return self.models[base.key if base and base.key in keys else keys[0]]
@@ -252,7 +220,8 @@ class _Planner:
             for j in range(length):
                 out_layer = len(origins)
                 origins.append((ref_model.key, ref_start + j))
-                for prefix, rest in ref_model.layers.get(ref_start + j, []):
+                for rest, ref_name in ref_model.layers.get(ref_start + j, {}).items():
+                    prefix = split_layer_name(ref_name)[0]  # type: ignore[index]
                     members = [(ref, layer_tensor_name(prefix, start + j, rest), p) for ref, (start, _), p in sl.sources]
                     jobs.append(self.job(layer_tensor_name(prefix, out_layer, rest), members, sl.parameters, layer_position(j, length)))
         jobs += outside_layers(slices[-1], pre=False)
@@ -282,11 +251,12 @@ def assign_shards(jobs: list[TensorJob], shard_size: int) -> list[ShardJob]:
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def _vocabulary(model: SourceModel) -> bytes:
-    return b"".join((model.path / f).read_bytes() for f in VOCABULARY_FILES if (model.path / f).exists())
+def _vocabulary(model: ModelHeaders) -> bytes:
+    folder = model.path or Path()
+    return b"".join((folder / f).read_bytes() for f in VOCABULARY_FILES if (folder / f).exists())
 
 
-def _tokenizer_source(recipe: Recipe, first: str, models: dict[str, SourceModel]) -> str | None:
+def _tokenizer_source(recipe: Recipe, first: str, models: dict[str, ModelHeaders]) -> str | None:
     choice = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
     base = recipe.base_model.key if recipe.base_model else first
     if choice == "union" and len({_vocabulary(m) for m in models.values()}) > 1:
@@ -300,20 +270,17 @@ def _tokenizer_source(recipe: Recipe, first: str, models: dict[str, SourceModel]
 
 def plan_merge(
     recipe: Recipe,
-    sources: Mapping[str, Path] | None = None,
+    models: Mapping[str, ModelHeaders] | None = None,
     *,
-    recipe_text: str = "",
     shard_size: int = DEFAULT_SHARD_SIZE,
     compute_dtype: str = "float32",
-    base_dir: Path | None = None,
 ) -> MergePlan:
-    """Plan a merge: open the models (headers only), resolve every tensor's inputs and parameters.
+    """Plan a merge from the models' headers: resolve every tensor's inputs and parameters.
 
     Args:
-        recipe: a validated recipe.
-        sources: local folders for model references (ref key, e.g. ``org/repo@rev`` -> folder);
-            references not in it must be local paths (absolute, or relative to cwd or ``base_dir``).
-        recipe_text: the recipe as written, kept for the model card.
+        recipe: a validated recipe (its text is kept for the model card).
+        models: ref key (e.g. ``org/repo@rev``) -> headers of every model of the recipe, with local weights
+            (``ModelHeaders.at``); None reads them from the local folders the recipe names (``read_models``).
         shard_size: maximum bytes per output shard.
         compute_dtype: dtype of the arithmetic: float32 (default), bfloat16, float16, or
             ``mergekit`` for the dtype mergekit uses for this method (bit-compatible outputs).
@@ -324,18 +291,18 @@ def plan_merge(
     if compute_dtype not in COMPUTE_DTYPES:
         raise RecipeError([f"compute dtype {compute_dtype!r} -> use one of {', '.join(COMPUTE_DTYPES)}"])
     method = get_method(recipe.merge_method)
-    models = resolve_sources(recipe, sources, base_dir or Path.cwd())
+    given = read_models(recipe) if models is None else models
+    models = {ref.key: given[ref.key] for ref in recipe.referenced_models}
     slices = _slices(recipe, method, models)
     jobs, origins = _Planner(recipe, method, models).jobs(slices)
     config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key
     tokenizer_from = _tokenizer_source(recipe, config_from, models)
     if tokenizer_from not in models:
         raise RecipeError([f"tokenizer_source: {tokenizer_from!r} is not one of the recipe's models ({', '.join(models)})"])
-    text = recipe_text or yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
     return MergePlan(
         method=method.name,
-        recipe_text=text,
-        recipe_sha256=hashlib.sha256(text.encode()).hexdigest(),
+        recipe_text=recipe.text,
+        recipe_sha256=recipe.sha256,
         compute_dtype=resolve_compute_dtype(compute_dtype, recipe),
         sources={k: str(m.path) for k, m in models.items()},
         base_model=recipe.base_model.key if recipe.base_model else None,

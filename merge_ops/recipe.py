@@ -1,17 +1,16 @@
 """Recipes in mergekit's YAML schema, validated with pydantic.
 
-``load_recipe`` accepts any mergekit recipe unchanged and raises one RecipeError that lists every
-problem with its key path, the bad value and what is allowed.
+The schema only; ``merge_ops.recipe_file.load_recipe`` reads a file, validates it against this schema and
+its method, and raises one RecipeError listing every problem with its key path, the bad value and what is allowed.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
-
-from merge_ops.errors import RecipeError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
 Scalar = Union[bool, int, float, str]
@@ -112,9 +111,15 @@ class TokenizerConfig(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A merge recipe (mergekit schema, plus an optional ``seed`` for random methods)."""
+    """A merge recipe (mergekit schema, plus an optional ``seed`` for random methods).
+
+    Loaded once per run (``merge_ops.recipe_file.load_recipe``), it carries the text it was read from and
+    that file's path, for the plan, the model card and the lineage.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    _text: str | None = PrivateAttr(default=None)
+    _path: Path | None = PrivateAttr(default=None)
     merge_method: str
     base_model: ModelRef | None = None
     models: list[InputModel] | None = None
@@ -135,6 +140,37 @@ class Recipe(BaseModel):
         if self.tokenizer and self.tokenizer_source:
             raise ValueError("give either `tokenizer_source` or `tokenizer`, not both")
         return self
+
+    def with_source(self, text: str, path: Path | None = None) -> "Recipe":
+        """This recipe, remembering the text it was parsed from and the file that held it."""
+        self._text, self._path = text, path
+        return self
+
+    @property
+    def text(self) -> str:
+        """The recipe as written (as YAML from its fields when it was not read from text)."""
+        if self._text is None:
+            return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+        return self._text
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def path(self) -> Path | None:
+        """The recipe file, when it was read from one."""
+        return self._path
+
+    @property
+    def file_name(self) -> str:
+        """The recipe file's name (``recipe.yaml`` when it was not read from a file)."""
+        return self._path.name if self._path is not None else "recipe.yaml"
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative local model paths are tried against (after the working directory): the recipe's."""
+        return self._path.parent if self._path is not None else Path.cwd()
 
     @property
     def referenced_models(self) -> list[ModelRef]:
@@ -177,36 +213,3 @@ def validation_problems(err: ValidationError) -> list[str]:
         text = f"{where}: {message}" if plain else f"{where}: {shown} -> {message}"
         seen.setdefault(where, text)
     return list(seen.values())
-
-
-def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
-    """Validate recipe data (parsed YAML); RecipeError lists every problem."""
-    from merge_ops.recipe_checks import method_problems
-
-    if not isinstance(data, dict):
-        raise RecipeError([f"(top level): expected a mapping with merge_method and models/slices, got {type(data).__name__}"], source=source)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as err:
-        problems = validation_problems(err)
-        bad_keys = {e["loc"][0] for e in err.errors() if e["loc"]}
-        try:  # without the broken top-level keys, the rest can still be checked against the method
-            problems += method_problems(Recipe.model_validate({k: v for k, v in data.items() if k not in bad_keys}))
-        except ValidationError:
-            pass
-        raise RecipeError(problems, source=source) from None
-    problems = method_problems(recipe)
-    if problems:
-        raise RecipeError(problems, source=source)
-    return recipe
-
-
-def load_recipe(path: Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise RecipeError([f"file not found: {path}"], source=str(path)) from None
-    except yaml.YAMLError as err:
-        raise RecipeError([f"not valid YAML: {err}"], source=str(path)) from None
-    return parse_recipe(data, source=str(path))

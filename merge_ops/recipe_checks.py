@@ -5,6 +5,7 @@ import logging
 
 from merge_ops.errors import RecipeError
 from merge_ops.methods.declaration import MergeMethod
+from merge_ops.methods.registry import METHODS, get_method
 from merge_ops.parameters import scalars_in
 from merge_ops.recipe import Parameters, Recipe
 
@@ -12,8 +13,6 @@ log = logging.getLogger(__name__)
 
 
 def _check_settings(method: MergeMethod, params: Parameters, where: str, *, per_model_only: bool) -> list[str]:
-    from merge_ops.methods.registry import METHODS
-
     problems = []
     for name, value in params.items():
         param = method.params.get(name)
@@ -45,8 +44,6 @@ def _missing_required(method: MergeMethod, levels: list[Parameters], where: str,
 
 def method_problems(recipe: Recipe) -> list[str]:
     """Every problem of ``recipe`` with respect to its method, each with its key path."""
-    from merge_ops.methods.registry import get_method
-
     try:
         method = get_method(recipe.merge_method)
     except RecipeError as err:

@@ -18,7 +18,8 @@ import yaml
 
 from merge_ops.errors import RecipeError
 from merge_ops.methods.registry import get_method
-from merge_ops.recipe import Recipe, parse_recipe
+from merge_ops.recipe import Recipe
+from merge_ops.recipe_file import parse_recipe
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -40,17 +39,9 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where a tensor lives and what it is, read from a safetensors header."""
-
-    file: Path
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of safetensors ``dtype`` (``"BF16"``) and ``shape``."""
+    return math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -60,17 +51,6 @@ def weight_files(model_dir: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         return [model_dir / name for name in dict.fromkeys(weight_map.values())]
     return sorted(model_dir.glob("*.safetensors"))
-
-
-def read_tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
-    """Name -> TensorInfo for every tensor of a model folder, reading headers only."""
-    tensors: dict[str, TensorInfo] = {}
-    for file in weight_files(model_dir):
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                part = handle.get_slice(name)
-                tensors[name] = TensorInfo(file, part.get_dtype(), tuple(part.get_shape()))
-    return tensors
 
 
 def load_tensor(file: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -119,7 +99,7 @@ class StreamingSafetensorsWriter:
         offset = 0
         self._expected: list[tuple[str, str, tuple[int, ...]]] = []
         for name, dtype, shape in specs:
-            size = TensorInfo(self.path, dtype, tuple(shape)).nbytes
+            size = tensor_nbytes(dtype, tuple(shape))
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             self._expected.append((name, dtype, tuple(shape)))
             offset += size

@@ -1,177 +1,31 @@
-"""Planning into a staging folder, merging shards as independent tasks, and publishing the folder when complete.
+"""Tasks of the merge: plan into a staging folder, merge each shard (cached by plan hash and index), finalize.
 
-The staging folder is a function of the output path and the plan's hash
-(``OUT.parent/.OUT.name.staging-<plan sha256[:12]>``), so a run killed mid-merge and started again finds
-it: shards already there (each written atomically by ``merge_ops.engine.merge_shard``) are not recomputed.
-Prefect's cache does the skipping: a shard task's key is (plan hash, shard index), its result (file, sha256)
-is persisted in ``<staging>/.results``; before the shards run, a shard file without its record (or a record
-without its file) is dropped, so the shards skipped are exactly those with both.
-The finished model appears at OUT by rename, never partially.
+How the staging folder makes a killed run resumable is in ``mergeflow.staging``.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
-from pydantic import BaseModel
 
-from merge_ops import settings
-from merge_ops.engine import finalize, merge_shard as merge_plan_shard
-from merge_ops.errors import OutputExistsError
-from merge_ops.plan import MergePlan, plan_merge
-from merge_ops.recipe import load_recipe
-from tasks.sources import ResolvedSource
-
-PLAN_FILE = "plan.json"
-RESULTS_DIR = ".results"
+from merge_ops.headers import ModelHeaders
+from merge_ops.recipe import Recipe
+from mergeflow import settings
+from mergeflow.sources import Source, local_headers
+from mergeflow.staging import ShardResult, Staging, merge_shard_file, plan_into_staging, publish_staging, shard_cache_key
+from tasks.retries import LOCAL
 
 
-class Staging(BaseModel):
-    """Where a planned merge is being written, and what it will produce."""
-
-    dir: Path
-    out: Path
-    plan_sha256: str
-    shard_files: list[str]
-    total_size: int
-    input_bytes: int
-    tensor_count: int
-    done_before: list[int]
-    """Shards already in the folder when this run started (a resumed run)."""
-    other_staging: list[Path] = []
-    """Staging folders of ``out`` for other plans (runs stopped before the recipe or its sources changed)."""
-
-    @property
-    def plan_path(self) -> Path:
-        return self.dir / PLAN_FILE
-
-    @property
-    def results_dir(self) -> Path:
-        return self.dir / RESULTS_DIR
-
-
-class ShardResult(BaseModel):
-    index: int
-    file: str
-    sha256: str
-    nbytes: int
-    started: float
-    seconds: float
-
-
-def staging_dir_for(out: Path, plan_sha256: str) -> Path:
-    """The staging folder of ``out`` for a plan: the same for the same plan, so reruns find it."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}.staging-{plan_sha256[:12]}"
-
-
-def shard_cache_key(plan_sha256: str, index: int) -> str:
-    return f"merge_shard-{plan_sha256[:16]}-{index:05d}"
-
-
-def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False) -> Staging:
-    """Create (or reuse) the staging folder, write the plan into it and drop stale shard records.
-
-    Raises:
-        OutputExistsError: ``out`` exists and ``force`` is False.
-    """
-    out = Path(out).absolute()
-    if out.exists() and not force:
-        raise OutputExistsError(str(out))
-    text = plan.model_dump_json()
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    folder = staging_dir_for(out, digest)
-    (folder / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
-    if not (folder / PLAN_FILE).is_file():
-        tmp = folder / f"{PLAN_FILE}.partial"
-        tmp.write_text(text)
-        os.replace(tmp, folder / PLAN_FILE)
-    for partial in folder.glob("*.partial"):
-        partial.unlink()
-    done = []
-    for i, shard in enumerate(plan.shards):
-        record = folder / RESULTS_DIR / shard_cache_key(digest, i)
-        if (folder / shard.file).is_file() and record.is_file():
-            done.append(i)
-        else:  # a file without its record (killed in between) or a record without its file: redo that shard
-            (folder / shard.file).unlink(missing_ok=True)
-            record.unlink(missing_ok=True)
-    return Staging(
-        dir=folder, out=out, plan_sha256=digest, shard_files=[s.file for s in plan.shards], total_size=plan.total_size,
-        input_bytes=plan.input_bytes, tensor_count=plan.tensor_count, done_before=done,
-        other_staging=sorted(p for p in out.parent.glob(f".{out.name}.staging-*") if p != folder),
-    )
-
-
-def plan_into_staging(
-    recipe_path: Path, sources: list[ResolvedSource], out: Path, *, shard_size: int, compute_dtype: str, force: bool = False
+@task(name="plan_merge", **LOCAL)
+def plan_shards(
+    recipe: Recipe, headers: list[ModelHeaders], sources: list[Source], out: Path, shard_size: int, compute_dtype: str, force: bool = False
 ) -> Staging:
-    """Plan the merge of ``recipe_path`` over the local ``sources`` and prepare its staging folder."""
-    plan = plan_merge(
-        load_recipe(recipe_path),
-        {s.key: s.path for s in sources if s.path is not None},
-        recipe_text=Path(recipe_path).read_text(),
-        shard_size=shard_size,
-        compute_dtype=compute_dtype,
-        base_dir=Path(recipe_path).parent,
-    )
-    return prepare_staging(plan, out, force=force)
-
-
-def merge_shard_file(plan_path: Path, index: int, staging_dir: Path, *, device: str = "cpu") -> ShardResult:
-    """Write shard ``index`` of the plan at ``plan_path`` into ``staging_dir`` (atomically)."""
-    plan = MergePlan.model_validate_json(Path(plan_path).read_text())
-    started = time.time()
-    digest = merge_plan_shard(plan, index, staging_dir, device=device)
-    return ShardResult(index=index, file=plan.shards[index].file, sha256=digest, nbytes=plan.shards[index].nbytes,
-                       started=started, seconds=time.time() - started)
-
-
-def publish_staging(staging: Staging, results: list[ShardResult], *, force: bool = False) -> Path:
-    """Write the non-weight files, then move the complete folder to ``staging.out``.
-
-    Raises:
-        FileNotFoundError: a shard is missing from the staging folder.
-        OutputExistsError: ``out`` appeared meanwhile and ``force`` is False.
-    """
-    plan = MergePlan.model_validate_json(staging.plan_path.read_text())
-    missing = [r.file for r in results if not (staging.dir / r.file).is_file()]
-    if missing or len(results) != len(plan.shards):
-        raise FileNotFoundError(f"{staging.dir}: shard(s) missing: {', '.join(missing) or 'results incomplete'}; run again to recompute them")
-    finalize(plan, staging.dir)
-    shutil.rmtree(staging.results_dir)
-    staging.plan_path.unlink()
-    out = staging.out
-    if out.exists():
-        if not force:
-            raise OutputExistsError(str(out))
-        old = out.with_name(f".{out.name}.replaced-{staging.plan_sha256[:12]}")
-        out.rename(old)
-        staging.dir.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.dir.rename(out)
-    return out
-
-
-def _shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    staging: Staging = parameters["staging"]
-    return shard_cache_key(staging.plan_sha256, parameters["index"])
-
-
-@task(name="plan_merge", cache_policy=NO_CACHE, persist_result=False)
-def plan_shards(recipe_path: Path, sources: list[ResolvedSource], out: Path, shard_size: int, compute_dtype: str, force: bool = False) -> Staging:
-    """Plan the merge (headers only) and prepare the staging folder; says which shards a resumed run can skip."""
-    staging = plan_into_staging(recipe_path, sources, out, shard_size=shard_size, compute_dtype=compute_dtype, force=force)
+    """Plan the merge from the headers (weights downloaded) and prepare the staging folder; says which shards a resumed run can skip."""
+    staging = plan_into_staging(recipe, local_headers(headers, sources), out, shard_size=shard_size, compute_dtype=compute_dtype, force=force)
     get_run_logger().info(
         "plan %s: %d shard(s), %d tensors, %.2f GB to write, staging in %s%s", staging.plan_sha256[:12], len(staging.shard_files),
         staging.tensor_count, staging.total_size / 1e9, staging.dir, f"; resuming, {len(staging.done_before)} shard(s) already done" if staging.done_before else "",
@@ -179,6 +33,11 @@ def plan_shards(recipe_path: Path, sources: list[ResolvedSource], out: Path, sha
     for folder in staging.other_staging:
         get_run_logger().warning("%s is left from a run of another plan; delete it to free its space", folder)
     return staging
+
+
+def _shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    staging: Staging = parameters["staging"]
+    return shard_cache_key(staging.plan_sha256, parameters["index"])
 
 
 @task(name="merge_shard", task_run_name="merge-shard-{index}", cache_key_fn=_shard_key, persist_result=True)
@@ -190,7 +49,7 @@ def merge_shard(staging: Staging, index: int, device: str = "cpu") -> ShardResul
     return result
 
 
-@task(name="finalize_model", cache_policy=NO_CACHE, persist_result=False)
+@task(name="finalize_model", **LOCAL)
 def finalize_model(staging: Staging, results: list[ShardResult], force: bool = False) -> Path:
     """Write index, config, tokenizer and card, then move the complete model to its output path."""
     out = publish_staging(staging, results, force=force)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from merge_ops import settings
+from mergeflow import settings
 
 
 @pytest.fixture(scope="session")

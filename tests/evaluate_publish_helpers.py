@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.evaluation import EvalResult
-from tasks.lineage import Lineage, SourceRecord
+from mergeflow.evaluation import EvalResult
+from mergeflow.lineage import Lineage
+from mergeflow.sources import Source
 
 REPO = Path(__file__).resolve().parents[1]
 EVALS = REPO / "evals"
@@ -26,9 +27,9 @@ def fake_eval(folder: Path, scores: dict[str, float], raw_dir: Path, *, name: st
 def hub_lineage(output_hash: str = "f" * 64) -> Lineage:
     """The lineage of a ties merge of three Hub models pinned to commits."""
     sources = [
-        SourceRecord(key="mergeflow/base", repo_id="mergeflow/base", commit_sha="a" * 40, is_base=True),
-        SourceRecord(key="mergeflow/ft_a@main", repo_id="mergeflow/ft_a", revision="main", commit_sha="b" * 40),
-        SourceRecord(key="mergeflow/ft_b", repo_id="mergeflow/ft_b", commit_sha="c" * 40),
+        Source(key="mergeflow/base", repo_id="mergeflow/base", commit_sha="a" * 40, is_base=True),
+        Source(key="mergeflow/ft_a@main", repo_id="mergeflow/ft_a", revision="main", commit_sha="b" * 40),
+        Source(key="mergeflow/ft_b", repo_id="mergeflow/ft_b", commit_sha="c" * 40),
     ]
     return Lineage(method="ties", recipe_sha256="d" * 64, base_model="mergeflow/base", sources=sources,
                    output_hash=output_hash, output_bytes=1234, git_commit="e" * 40, git_dirty=False)

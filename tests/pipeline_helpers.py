@@ -7,7 +7,7 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, constants
 
-from merge_ops import settings
+from mergeflow import settings
 
 
 def hub_online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -10,13 +10,13 @@ import torch
 from huggingface_hub import HfApi
 
 from merge_ops.errors import IncompatibleModelsError
-from merge_ops.recipe import parse_recipe
+from merge_ops.recipe_file import parse_recipe
 from mergeflow.local_hub import LocalHub
 from pipeline_helpers import hub_online, push, ties_recipe
-from tasks.compatibility import CompatibilityReport, compatibility_report
-from tasks.headers import ModelHeaders, read_headers
-from tasks.sources import ResolvedSource, resolve_source
-from tasks.weight_space import weight_space_report
+from merge_ops.compatibility import CompatibilityReport, compatibility_report
+from merge_ops.headers import ModelHeaders
+from mergeflow.sources import Source, read_source_headers, resolve_source
+from merge_ops.weight_space import weight_space_report
 from tiny_family import CONFIG, base_state, fine_tune, write_model
 
 
@@ -43,7 +43,7 @@ def variants(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 def headers_of(recipe_data: dict, tmp_path: Path) -> tuple[object, dict[str, ModelHeaders]]:
     recipe = parse_recipe(recipe_data)
     sources = [resolve_source(ref, base_dir=tmp_path) for ref in recipe.referenced_models]
-    return recipe, {s.key: read_headers(s) for s in sources}
+    return recipe, {s.key: read_source_headers(s) for s in sources}
 
 
 def report_for(recipe_data: dict, tmp_path: Path) -> CompatibilityReport:
@@ -126,8 +126,7 @@ def test_weight_space_flags_an_unrelated_model(family: dict[str, Path], variants
     recipe, headers = headers_of(recipe_data, tmp_path)
     report = compatibility_report(recipe, headers)
     assert report.compatible  # same shapes: only the weights tell
-    sources = {key: Path(key) for key in headers}
-    checked = weight_space_report(recipe, report, sources)
+    checked = weight_space_report(recipe, report, headers)
     distances = {d.model: d for d in checked.weight_space}
     assert distances[str(family["ft_a"])].fine_tuned and distances[str(family["ft_a"])].cosine > 0.5
     unrelated = distances[str(variants["unrelated"])]
@@ -147,9 +146,10 @@ def test_remote_headers_match_local_without_downloading_weights(
     with LocalHub(tmp_path / "hub") as hub:
         sha = push(HfApi(endpoint=hub.endpoint), "mergeflow/ft-a", folder)
         source = resolve_source(parse_recipe(ties_recipe("mergeflow/ft-a", "a/b", "c/d")).base_model, base_dir=tmp_path, endpoint=hub.endpoint)
-        assert source == ResolvedSource(key="mergeflow/ft-a", repo_id="mergeflow/ft-a", commit_sha=sha)
-        remote = read_headers(source, endpoint=hub.endpoint)
-    local = read_headers(ResolvedSource(key="mergeflow/ft-a", path=folder))
-    assert remote == local and remote.card_base_model == ["mergeflow/base"]
+        assert source == Source(key="mergeflow/ft-a", repo_id="mergeflow/ft-a", commit_sha=sha)
+        remote = read_source_headers(source, endpoint=hub.endpoint)
+    local = read_source_headers(Source(key="mergeflow/ft-a", path=folder))
+    assert remote.path is None and remote.at(folder) == local and remote.card_base_model == ["mergeflow/base"]
+    assert list(remote.tensors) == list(local.tensors)  # the same order, wherever the headers come from
     assert remote.config == json.loads((folder / "config.json").read_text())
     assert not list(home.rglob("*.safetensors")), "headers must come from ranged reads, not downloads"

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from merge_ops.engine import finalize, merge_model, merge_shard
 from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, OutputExistsError, RecipeError
 from merge_ops.plan import MergePlan, plan_merge
-from merge_ops.recipe import parse_recipe
+from merge_ops.recipe_file import parse_recipe
 from merge_ops.safetensors_io import StreamingSafetensorsWriter
 from tiny_family import CONFIG, base_state, write_model
 

@@ -18,15 +18,16 @@ from typer.testing import CliRunner
 
 from flows.evaluate_publish import evaluate_track_publish
 from merge_ops.engine import merge_model
-from merge_ops.errors import GateFailedError
+from mergeflow.errors import GateFailedError
+from merge_ops.headers import read_local_headers
 from merge_ops.plan import plan_merge
-from merge_ops.recipe import load_recipe
+from merge_ops.recipe_file import load_recipe
 from mergeflow.cli import app
 from mergeflow.local_hub import LocalHub
-from tasks.evaluation import EvalSettings
-from tasks.gate import GatePolicy
-from tasks.publish import PublishTarget
-from tasks.sources import ResolvedSource
+from mergeflow.evaluation import EvalSettings
+from mergeflow.gate import GatePolicy
+from mergeflow.hub import PublishTarget
+from mergeflow.sources import Source
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
 pytest_plugins = ["demo_family_fixtures", "evaluate_publish_fixtures"]
@@ -47,13 +48,13 @@ def merged_from_hub(demo_family, demo_env, tmp_path: Path, monkeypatch: pytest.M
         sources = []
         for name, key in keys.items():
             folder = snapshot_download(f"mergeflow/{name}", revision=commits[name], cache_dir=tmp_path / "hf_cache", endpoint=hub.endpoint)
-            sources.append(ResolvedSource(key=key, repo_id=f"mergeflow/{name}", revision="main" if "@" in key else None,
+            sources.append(Source(key=key, repo_id=f"mergeflow/{name}", revision="main" if "@" in key else None,
                                           commit_sha=commits[name], path=Path(folder)))
         recipe = tmp_path / "skills-ta.yaml"
         models = [{"model": keys[n], "parameters": {"weight": 1.0}} for n in ("add", "reverse")]
         recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": keys["base"], "models": models,
                                           "parameters": {"lambda": 1.0}, "dtype": "float32"}, sort_keys=False))
-        plan = plan_merge(load_recipe(recipe), {s.key: s.path for s in sources}, recipe_text=recipe.read_text())
+        plan = plan_merge(load_recipe(recipe), {s.key: read_local_headers(s.key, s.path) for s in sources})
         merge_model(plan, tmp_path / "merged" / "skills-ta")
         yield hub, api, recipe, sources, tmp_path / "merged" / "skills-ta", commits
 
@@ -61,7 +62,7 @@ def merged_from_hub(demo_family, demo_env, tmp_path: Path, monkeypatch: pytest.M
 def run_flow(merged_from_hub, tmp_path: Path, **overrides: object):
     hub, _, recipe, sources, merged, _ = merged_from_hub
     arguments = dict(
-        merged_dir=merged, recipe=recipe, sources=sources, evaluation=EVALUATION,
+        merged_dir=merged, recipe=load_recipe(recipe), sources=sources, evaluation=EVALUATION,
         gate=GatePolicy.from_params(REPO / "params.yaml"),  # the repository's default policy
         publish=PublishTarget(repo_id=PUBLISHED, endpoint=hub.endpoint), eval_cache_dir=tmp_path / "eval_cache",
     )

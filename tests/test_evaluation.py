@@ -9,8 +9,9 @@ import lm_eval
 import pytest
 from evaluate_publish_helpers import EVALS
 
-from merge_ops.errors import EvaluationError
-from tasks.evaluation import evaluate_model, model_content_hash
+from mergeflow.errors import EvaluationError
+from mergeflow.evaluation import evaluate_model
+from mergeflow.files import model_content_hash
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
 pytest_plugins = ["demo_family_fixtures"]

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from merge_ops.errors import ParamsError
-from tasks.evaluation import EvalSettings
-from tasks.gate import GatePolicy, apply_gate
+from mergeflow.errors import ParamsError
+from mergeflow.evaluation import EvalSettings
+from mergeflow.gate import GatePolicy, apply_gate
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = {"add": {"add": 0.9, "rev": 0.0}, "rev": {"add": 0.0, "rev": 1.0}, "base": {"add": 0.0, "rev": 0.0}}

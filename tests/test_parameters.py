@@ -9,7 +9,8 @@ import yaml
 
 from merge_ops.errors import RecipeError
 from merge_ops.parameters import NOT_SET, evaluate, interpolate, layer_position, lookup
-from merge_ops.recipe import FilterEntry, Recipe, parse_recipe
+from merge_ops.recipe import FilterEntry, Recipe
+from merge_ops.recipe_file import parse_recipe
 
 DOC_GRADIENT = [0, 0.5, 0.3, 0.7, 1]
 

@@ -21,10 +21,10 @@ from flows.merge_pipeline import merge_pipeline
 from merge_ops.engine import merge_model
 from merge_ops.errors import IncompatibleModelsError, OutputExistsError
 from merge_ops.plan import plan_merge
-from merge_ops.recipe import load_recipe
+from merge_ops.recipe_file import load_recipe
 from mergeflow.local_hub import LocalHub
 from pipeline_helpers import folder_bytes, hub_online, push, ties_recipe, write_recipe
-from tasks.shards import staging_dir_for
+from mergeflow.staging import staging_dir_for
 from tiny_family import CONFIG, base_state, fine_tune, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def dask_cluster(prefect_api: str) -> Iterator[LocalCluster]:
 
 def engine_merge(recipe_path: Path, out: Path) -> Path:
     """The reference: merge_ops alone, no Prefect."""
-    plan = plan_merge(load_recipe(recipe_path), recipe_text=recipe_path.read_text(), shard_size=SHARD, base_dir=recipe_path.parent)
+    plan = plan_merge(load_recipe(recipe_path), shard_size=SHARD)
     merge_model(plan, out)
     return out
 

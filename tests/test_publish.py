@@ -11,20 +11,17 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from pipeline_helpers import folder_bytes, hub_online
 from prefect import flow
 
-from merge_ops import settings
+from mergeflow import settings
 from merge_ops.engine import merge_model
-from merge_ops.errors import MergeflowError, PublishError
+from merge_ops.errors import MergeflowError
+from mergeflow.errors import PublishError
 from merge_ops.plan import plan_merge
-from merge_ops.recipe import load_recipe
+from merge_ops.recipe_file import load_recipe
 from mergeflow.local_hub import LocalHub
-from tasks.lineage import SourceRecord
-from tasks.publish import (
-    CARD_MARK,
-    PublishTarget,
-    publish_model,
-    publish_model_task,
-    write_hub_card,
-)
+from mergeflow.card import CARD_MARK, write_hub_card
+from mergeflow.hub import PublishTarget, publish_model
+from mergeflow.sources import Source
+from tasks.publish import publish_model_task
 
 REPO_ID = "mergeflow/tiny-ties"
 
@@ -35,7 +32,7 @@ def merged(family: dict[str, Path], tmp_path: Path) -> Path:
     recipe = tmp_path / "recipe.yaml"
     models = [{"model": str(family[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in ("ft_a", "ft_b")]
     recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(family["base"]), "models": models, "dtype": "float32"}))
-    merge_model(plan_merge(load_recipe(recipe), recipe_text=recipe.read_text()), tmp_path / "merged")
+    merge_model(plan_merge(load_recipe(recipe)), tmp_path / "merged")
     return tmp_path / "merged"
 
 
@@ -80,7 +77,7 @@ def test_card_is_regenerated_not_appended(merged: Path, tmp_path: Path) -> None:
 
 
 def test_local_sources_are_not_listed_as_hub_base_models(merged: Path, tmp_path: Path) -> None:
-    local = [SourceRecord(key=str(merged.parent / n), path=str(merged.parent / n), is_base=n == "base") for n in ("base", "a")]
+    local = [Source(key=str(merged.parent / n), path=str(merged.parent / n), is_base=n == "base") for n in ("base", "a")]
     meta = front_matter(write_card(merged, tmp_path, sources=local))
     assert "base_model" not in meta and "base_model_relation" not in meta
     assert meta["tags"] == ["merge", "mergeflow", "ties"] and meta["model-index"][0]["results"]

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merge_ops.errors import ParamsError, RecipeError
+from mergeflow.errors import ParamsError
+from merge_ops.errors import RecipeError
 from merge_ops.recipe_variants import vary_recipe
-from tasks.stage_params import HubParams, MergeParams, PublishParams
+from mergeflow.params import HubParams, MergeParams, PublishParams
 
 REPO = Path(__file__).resolve().parents[1]
 TIES = yaml.safe_load((REPO / "recipes" / "skills-ties.yaml").read_text())

@@ -11,12 +11,14 @@ from huggingface_hub import HfApi
 from prefect import flow
 from prefect.client.orchestration import get_client
 
-from merge_ops import settings
-from merge_ops.errors import HubAccessError, ModelNotFoundError
+from mergeflow import settings
+from mergeflow.errors import HubAccessError
+from merge_ops.errors import ModelNotFoundError
 from merge_ops.recipe import ModelRef
 from mergeflow.local_hub import LocalHub
 from pipeline_helpers import hub_online, push
-from tasks.sources import ResolvedSource, download_model, download_source, resolve_model, resolve_source
+from mergeflow.sources import Source, download_source, resolve_source
+from tasks.sources import download_model, resolve_model
 
 REPO = "mergeflow/ft-a"
 
@@ -63,7 +65,7 @@ def test_download_pins_the_commit_and_skips_pickles(model_with_extras: Path, tmp
 
 def test_local_folders_pass_through(family: dict[str, Path], tmp_path: Path) -> None:
     source = resolve_source(ref("ft_a"), base_dir=family["base"].parent)
-    assert source == ResolvedSource(key="ft_a", path=family["ft_a"].resolve())
+    assert source == Source(key="ft_a", path=family["ft_a"].resolve())
     assert download_source(source) == source
     with pytest.raises(ModelNotFoundError, match="not a local folder"):
         resolve_source(ref("no/such/folder"), base_dir=tmp_path)
@@ -88,8 +90,8 @@ def test_tasks_never_log_the_token_and_do_not_retry_permanent_errors(
     monkeypatch.setenv("HF_TOKEN", "s3cret-token")
 
     @flow
-    def fetch(endpoint: str) -> tuple[ResolvedSource, str]:
-        source = download_model(resolve_model(ref(REPO), tmp_path / "recipe.yaml", endpoint), endpoint)
+    def fetch(endpoint: str) -> tuple[Source, str]:
+        source = download_model(resolve_model(ref(REPO), tmp_path, endpoint), endpoint)
         missing = resolve_model.submit(ref("nobody/nothing"), tmp_path / "recipe.yaml", endpoint)
         missing.wait()
         return source, str(missing.task_run_id)

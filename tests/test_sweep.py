@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from evaluate_publish_helpers import EVALS, REPO
 from flows.runners import make_task_runner
 from flows.sweep import sweep
-from merge_ops import settings
+from mergeflow import settings
 from merge_ops.errors import RecipeError
 from merge_ops.sweep_grid import expand_grid, parse_grid
 from mergeflow.cli import app
 from mergeflow.local_hub import LocalHub
 from pipeline_helpers import folder_bytes, hub_online
-from tasks.evaluation import EvalSettings
+from mergeflow.evaluation import EvalSettings
 
 pytest_plugins = ["demo_family_fixtures", "evaluate_publish_fixtures"]
 

@@ -10,26 +10,18 @@ from evaluate_publish_helpers import fake_eval, hub_lineage
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from merge_ops import settings
+from mergeflow import settings
 from merge_ops.engine import merge_model
-from merge_ops.errors import TrackingError
+from mergeflow.errors import TrackingError
 from merge_ops.plan import plan_merge
-from merge_ops.recipe import load_recipe
+from merge_ops.recipe_file import load_recipe
 from mergeflow.cli import app
-from tasks.chart import plot_scores
-from tasks.compatibility import CompatibilityReport, Finding
-from tasks.evaluation import EvalSettings
-from tasks.gate import GateDecision, GatePolicy
-from tasks.publish import Published
-from tasks.tracking import (
-    MergeStats,
-    flatten,
-    lineage,
-    metric_name,
-    record_outcome,
-    resolve_tracking_uri,
-    track_run,
-)
+from mergeflow.chart import plot_scores
+from merge_ops.compatibility import CompatibilityReport, Finding
+from mergeflow.evaluation import EvalSettings
+from mergeflow.gate import GateDecision, GatePolicy
+from mergeflow.hub import Published
+from mergeflow.tracking import MergeStats, flatten, lineage, metric_name, record_outcome, resolve_tracking_uri, track_run
 
 pytest_plugins = ["evaluate_publish_fixtures"]  # a plugin: the template database is made once per session
 
@@ -44,7 +36,7 @@ def merged(family: dict[str, Path], tmp_path: Path) -> tuple[Path, Path]:
     recipe = tmp_path / "recipe.yaml"
     models = [{"model": str(family[k]), "parameters": {"weight": 0.5, "density": 0.5}} for k in ("ft_a", "ft_b")]
     recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(family["base"]), "models": models, "dtype": "float32"}))
-    plan = plan_merge(load_recipe(recipe), recipe_text=recipe.read_text())
+    plan = plan_merge(load_recipe(recipe))
     merge_model(plan, tmp_path / "merged")
     return recipe, tmp_path / "merged"
 
@@ -57,7 +49,7 @@ def track(recipe: Path, folder: Path, tmp_path: Path, **overrides: object):
     report = CompatibilityReport(method="ties", reference="mergeflow/base", models=[],
                                  findings=[Finding(severity="note", model=None, check="dtype", message="all float32")])
     arguments = dict(
-        merged_dir=folder, recipe=recipe, lineage=lineage_, merged=evals["merged"], sources=sources,
+        merged_dir=folder, recipe=load_recipe(recipe), lineage=lineage_, merged=evals["merged"], sources=sources,
         evaluation=EvalSettings(tasks=["skill_add", "skill_reverse"], limit=40), gate=GatePolicy(), model_name="mergeflow/tiny-ties",
         stats=MergeStats(merge_seconds=1.5, throughput_bytes_per_s=2e6, peak_rss_bytes=300_000_000, plan_sha256="9" * 64),
         chart=chart, compatibility=report,
@@ -121,13 +113,13 @@ def test_registered_version_carries_lineage_and_the_hub_commit(mlflow_store: str
     assert version.tags["mergeflow.source.2.repo_id"] == "mergeflow/ft_b" and version.tags["mergeflow.method"] == "ties"
 
     published = Published(repo_id="mergeflow/tiny-ties", commit_sha="1" * 40, new_commit=True, url="http://hub/mergeflow/tiny-ties")
-    record_outcome(first, decision=GateDecision(passed=True, reasons=[], checks=[]), published=published)
+    record_outcome(first, decision=GateDecision(passed=True, reasons=[], checks=[]), outcome="published", published=published)
     assert client.get_run(first.run_id).info.status == "FINISHED"
     assert client.get_run(first.run_id).data.tags["mergeflow.hub.commit"] == "1" * 40
     assert client.get_model_version("mergeflow--tiny-ties", first.model_version).tags["mergeflow.hub.commit"] == "1" * 40
 
     second = track(*merged, tmp_path)
-    record_outcome(second, decision=GateDecision(passed=False, reasons=["skill_add: too low"], checks=[]))
+    record_outcome(second, decision=GateDecision(passed=False, reasons=["skill_add: too low"], checks=[]), outcome="gate_failed")
     tree = lineage("mergeflow/tiny-ties")
     assert [v.version for v in tree.versions] == [second.model_version, first.model_version] == ["2", "1"]
     newest, oldest = tree.versions
@@ -178,20 +170,21 @@ def test_lineage_has_hashes_git_and_the_dvc_hash_under_dvc(merged, tmp_path: Pat
     import subprocess
     import sys
 
-    from tasks.evaluation import model_content_hash
-    from tasks.lineage import SourceRecord, collect_lineage
+    from mergeflow.files import model_content_hash
+    from mergeflow.lineage import collect_lineage, finish_lineage
+    from mergeflow.sources import Source
 
     recipe, folder = merged
-    sources = [SourceRecord(key="ft_a", path=str(folder.parent / "ft_a"))]
+    sources = [Source(key="ft_a", path=folder.parent / "ft_a")]
     monkeypatch.chdir(REPO)
-    plain = collect_lineage(folder, recipe=recipe, sources=sources)
+    plain = finish_lineage(collect_lineage(recipe=load_recipe(recipe), sources=sources, output_hash=model_content_hash(folder)), folder)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert plain.git_commit == head and plain.dvc_hash is None and plain.prefect_flow_run_id is None
-    assert plain.output_hash == model_content_hash(folder) and plain.method == "ties"
-    assert plain.recipe_sha256 == plan_merge(load_recipe(recipe), recipe_text=recipe.read_text()).recipe_sha256
+    assert plain.method == "ties" and plain.output_bytes == sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert plain.recipe_sha256 == plan_merge(load_recipe(recipe)).recipe_sha256
 
     monkeypatch.setattr(settings, "DVC_STAGE", "merge")
-    under_dvc = collect_lineage(folder, recipe=recipe, sources=sources)
+    under_dvc = finish_lineage(collect_lineage(recipe=load_recipe(recipe), sources=sources, output_hash=plain.output_hash), folder)
     project = tmp_path / "dvc_project"
     shutil.copytree(folder, project / "model")
     dvc = [sys.executable, "-m", "dvc"]

@@ -1,52 +1,33 @@
 """Where a merged model comes from: its sources at their commits, the recipe, the code and the run that made it.
 
 ``collect_lineage`` gathers it once per merged artefact; the model card's lineage table, the MLflow tags of the
-run and of the registered model version are all written from the same ``Lineage``.
+run and of the registered model version are all written from the same ``Lineage``; ``finish_lineage`` adds
+the size (and under DVC the hash) of the final folder once the card is in it.
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from merge_ops import settings
+from mergeflow import settings
 from merge_ops.methods.registry import get_method
-from merge_ops.recipe import load_recipe
-from tasks.evaluation import model_content_hash
-
-
-class SourceRecord(BaseModel):
-    """One model of the recipe: a Hub repo pinned to a commit, or a local folder."""
-
-    key: str
-    """The reference as written in the recipe (``org/repo``, ``org/repo@rev``, or a path)."""
-    repo_id: str | None = None
-    revision: str | None = None
-    """The revision the recipe asked for (None: the default branch)."""
-    commit_sha: str | None = None
-    """The commit that was merged (Hub sources)."""
-    path: str | None = None
-    is_base: bool = False
-
-    @property
-    def label(self) -> str:
-        if self.repo_id:
-            return f"{self.repo_id}@{self.commit_sha[:12]}" if self.commit_sha else self.repo_id
-        return self.key
+from merge_ops.recipe import Recipe
+from mergeflow.sources import Source
 
 
 class Lineage(BaseModel):
     method: str
     recipe_sha256: str
     base_model: str | None
-    sources: list[SourceRecord]
+    sources: list[Source]
     output_hash: str
     """``model_content_hash`` of the merged folder: weights, config and tokenizer files (not the card)."""
-    output_bytes: int
+    output_bytes: int = 0
+    """Bytes of the finished folder, card included (``finish_lineage``)."""
     dvc_hash: str | None = None
-    """DVC's md5 of the merged folder (``<md5>.dir``), when run as a DVC stage (``settings.DVC_STAGE``)."""
+    """DVC's md5 of the merged folder, card included (``<md5>.dir``), when run as a DVC stage (``settings.DVC_STAGE``)."""
     dvc_stage: str | None = None
     git_commit: str | None = None
     git_dirty: bool | None = None
@@ -84,45 +65,43 @@ def dvc_hash(folder: Path) -> str:
     return str(obj.hash_info.value)
 
 
-def _prefect_ids() -> tuple[str | None, str | None]:
-    from prefect.runtime import flow_run
+def collect_lineage(
+    *, recipe: Recipe, sources: list[Source], output_hash: str, flow_run_id: str | None = None,
+    root_flow_run_id: str | None = None,
+) -> Lineage:
+    """The lineage of a merged model made from ``recipe`` over ``sources``.
 
-    run_id = flow_run.get_id()
-    if run_id is None:
-        return None, None
-    return str(run_id), str(flow_run.get_root_flow_run_id() or run_id)
-
-
-def collect_lineage(merged_dir: Path, *, recipe: Path, sources: list[SourceRecord]) -> Lineage:
-    """The lineage of the merged model in ``merged_dir``, made from ``recipe`` over ``sources``.
-
-    Call it after the model card is final: the DVC hash covers every file of the folder.
+    Call ``finish_lineage`` once the folder is final (its card written).
 
     Args:
-        merged_dir: the merged model folder.
-        recipe: the recipe file (its sha256 is the plan's ``recipe_sha256``; the base and method come from it;
-            the git commit is that of the repository holding it, else of the working directory).
+        recipe: the recipe as loaded (its sha256 is the plan's ``recipe_sha256``; the git commit is that of the
+            repository holding its file, else of the working directory).
         sources: every model of the recipe; ``is_base`` is set here from the recipe.
+        output_hash: ``model_content_hash`` of the merged folder (its evaluation computed it already).
+        flow_run_id, root_flow_run_id: the Prefect run that made it, when there is one.
     """
-    parsed = load_recipe(Path(recipe))
-    base = parsed.base_model.key if parsed.base_model else None
+    base = recipe.base_model.key if recipe.base_model else None
     records = [s.model_copy(update={"is_base": s.key == base}) for s in sources]
-    git_commit, git_dirty = git_state(Path(recipe).resolve().parent)
+    git_commit, git_dirty = git_state(recipe.base_dir.resolve()) if recipe.path else (None, None)
     if git_commit is None:  # a recipe outside any repository: the code's repository, where the run started
         git_commit, git_dirty = git_state(None)
-    flow_run_id, root_id = _prefect_ids()
-    under_dvc = settings.DVC_STAGE is not None
     return Lineage(
-        method=get_method(parsed.merge_method).name,
-        recipe_sha256=hashlib.sha256(Path(recipe).read_text().encode()).hexdigest(),  # as MergePlan.recipe_sha256
+        method=get_method(recipe.merge_method).name,
+        recipe_sha256=recipe.sha256,
         base_model=base,
         sources=records,
-        output_hash=model_content_hash(merged_dir),
-        output_bytes=sum(p.stat().st_size for p in Path(merged_dir).rglob("*") if p.is_file()),
-        dvc_hash=dvc_hash(merged_dir) if under_dvc else None,
+        output_hash=output_hash,
         dvc_stage=settings.DVC_STAGE,
         git_commit=git_commit,
         git_dirty=git_dirty,
         prefect_flow_run_id=flow_run_id,
-        prefect_root_flow_run_id=root_id,
+        prefect_root_flow_run_id=root_flow_run_id,
     )
+
+
+def finish_lineage(lineage: Lineage, merged_dir: Path) -> Lineage:
+    """``lineage`` with the size of the finished folder (card written) and, under DVC, its DVC hash."""
+    return lineage.model_copy(update={
+        "output_bytes": sum(p.stat().st_size for p in Path(merged_dir).rglob("*") if p.is_file()),
+        "dvc_hash": dvc_hash(merged_dir) if lineage.dvc_stage else None,
+    })

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mergeflow.stage_cli import HUB, METRICS, OUTCOME, RELEASE
+from mergeflow.cli.stage import HUB, METRICS, OUTCOME, RELEASE
 
 
 def run_dvc_repro(project: Path, console: Console) -> None:
@@ -30,8 +30,8 @@ def run_dvc_repro(project: Path, console: Console) -> None:
 
 def print_demo_report(project: Path, out: Console) -> None:
     """The scores table (merged vs each source), the gate's verdict, and where to look next."""
-    from tasks.evaluation import mean_score
-    from tasks.tracking import resolve_tracking_uri  # imports mlflow: only once the pipeline is done
+    from mergeflow.evaluation import mean_score
+    from mergeflow.tracking import resolve_tracking_uri  # imports mlflow: only once the pipeline is done
 
     metrics = json.loads((project / METRICS).read_text())
     outcome = json.loads((project / OUTCOME).read_text())

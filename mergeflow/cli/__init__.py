@@ -13,14 +13,15 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from merge_ops.engine import Piece, check_device, merge_model
+from merge_ops.engine import Piece, check_device, merge_model, peak_memory_estimate
 from merge_ops.errors import OutputExistsError
 from merge_ops.methods.registry import METHODS
 from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
-from merge_ops.recipe import load_recipe
-from merge_ops import settings, sizes
-from mergeflow.console_errors import console, friendly_errors
-from mergeflow.stage_cli import stage_app
+from merge_ops.recipe_file import load_recipe
+from mergeflow import settings
+from merge_ops import sizes
+from mergeflow.cli.console_errors import console, friendly_errors
+from mergeflow.cli.stage import stage_app
 
 app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
 
@@ -48,23 +49,7 @@ def human(nbytes: float) -> str:
 
 
 def _plan(recipe_path: Path, shard_size: str, compute_dtype: str) -> MergePlan:
-    recipe = load_recipe(recipe_path)
-    return plan_merge(
-        recipe,
-        recipe_text=recipe_path.read_text(),
-        shard_size=parse_size(shard_size),
-        compute_dtype=compute_dtype,
-        base_dir=recipe_path.parent,
-    )
-
-
-def peak_memory_estimate(plan: MergePlan) -> int:
-    """Bytes held at the worst tensor: its inputs twice (one prefetched), compute copies, result."""
-    job = plan.largest_tensor_job
-    numel = job.nbytes // torch.empty((), dtype=getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}.get(job.dtype, "float32"))).element_size()
-    compute = numel * torch.empty((), dtype=getattr(torch, plan.compute_dtype)).element_size()
-    copies = len(job.inputs) * 2 + 2
-    return 2 * job.input_nbytes + copies * compute + job.nbytes
+    return plan_merge(load_recipe(recipe_path), shard_size=parse_size(shard_size), compute_dtype=compute_dtype)
 
 
 @app.command()
@@ -133,7 +118,7 @@ def demo() -> None:
     evaluate (lm-eval) -> publish (card, MLflow run, gate, Hub). Run it in the project folder; stages whose
     inputs did not change are skipped.
     """
-    from mergeflow.demo_report import print_demo_report, run_dvc_repro
+    from mergeflow.cli.demo_report import print_demo_report, run_dvc_repro
 
     run_dvc_repro(Path.cwd(), console)
     print_demo_report(Path.cwd(), Console())
@@ -193,9 +178,8 @@ def run(
     """
     from flows.merge_pipeline import merge_pipeline
     from flows.runners import make_task_runner, share_api_with_worker_processes
-    from mergeflow.staging_progress import StagingProgress
+    from mergeflow.cli.staging_progress import StagingProgress
 
-    load_recipe(recipe)  # recipe errors before Prefect starts
     if out.exists() and not force:
         raise OutputExistsError(str(out))
     runner = make_task_runner(workers=workers, dask_address=dask_address, dask_workers=dask_workers)
@@ -231,16 +215,9 @@ def check(recipe: Path, endpoint: Endpoint = None) -> None:
     """
     from rich.markdown import Markdown
 
-    from tasks.compatibility import compatibility_report
-    from tasks.headers import read_headers
-    from tasks.sources import resolve_source
-    from tasks.weight_space import weight_space_report
+    from flows.check import check_models
 
-    parsed = load_recipe(recipe)
-    sources = [resolve_source(ref, base_dir=recipe.absolute().parent, endpoint=endpoint) for ref in parsed.referenced_models]
-    report = compatibility_report(parsed, {s.key: read_headers(s, endpoint=endpoint) for s in sources})
-    if all(s.path is not None for s in sources):
-        report = weight_space_report(parsed, report, {s.key: s.path for s in sources if s.path is not None})
+    report = check_models(recipe=recipe.absolute(), endpoint=endpoint)
     Console().print(Markdown(report.markdown()))
     if not report.compatible:
         raise typer.Exit(1)
@@ -307,16 +284,12 @@ def sweep(
     The candidates are the cartesian product of the --grid values; parameters a candidate's method does not
     have are left out (task_arithmetic has no density). Each is an MLflow child run of the sweep's run.
     """
-    import yaml
-
     from flows.runners import make_task_runner
     from flows.sweep import sweep as sweep_flow
-    from merge_ops.sweep_grid import expand_grid, parse_grid
-    from tasks.evaluation import mean_score
+    from merge_ops.sweep_grid import parse_grid
+    from mergeflow.evaluation import mean_score
 
     parsed = parse_grid(grid)
-    load_recipe(recipe)
-    expand_grid(yaml.safe_load(recipe.read_text()), parsed, source=str(recipe))  # grid errors before Prefect starts
     out = out or Path("sweeps") / recipe.stem
     if out.exists() and not force:
         raise OutputExistsError(str(out))
@@ -364,7 +337,7 @@ def lineage(
     """Print the lineage of every version of NAME: sources -> merged -> published, read from MLflow."""
     from rich.tree import Tree
 
-    from tasks.tracking import lineage as read_lineage
+    from mergeflow.tracking import lineage as read_lineage
 
     found = read_lineage(name, tracking_uri=tracking_uri)
     root = Tree(f"[bold]{found.name}[/bold] ({len(found.versions)} version(s) in {found.tracking_uri})")

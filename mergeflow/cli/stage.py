@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from mergeflow.console_errors import console, friendly_errors
+from mergeflow.cli.console_errors import console, friendly_errors
 
 OUTPUTS = Path("outputs")
 FAMILY, HUB, MERGED, RELEASE = OUTPUTS / "demo-family", OUTPUTS / "hub", OUTPUTS / "merged", OUTPUTS / "release"
@@ -31,8 +31,8 @@ def hub_endpoint(params: Path) -> Iterator[str | None]:
     the demo family of outputs/demo-family as ``demo/NAME`` (pushed now; unchanged files make no new commit)."""
     from mergeflow.demo_family.build import family_models
     from mergeflow.local_hub import LocalHub
-    from tasks.publish import publish_model
-    from tasks.stage_params import HubParams
+    from mergeflow.hub import publish_model
+    from mergeflow.params import HubParams
 
     hub = HubParams.from_params(params)
     if not hub.is_local:
@@ -47,7 +47,7 @@ def hub_endpoint(params: Path) -> Iterator[str | None]:
 
 def _rename(params: Path) -> dict[str, str] | None:
     """With the embedded Hub, the recipe's ``demo-family/NAME`` models are read as ``demo/NAME``."""
-    from tasks.stage_params import HubParams
+    from mergeflow.params import HubParams
 
     return {f"{FAMILY.name}/": f"{DEMO_NAMESPACE}/"} if HubParams.from_params(params).is_local else None
 
@@ -57,7 +57,7 @@ def _rename(params: Path) -> dict[str, str] | None:
 def merge(params: Params = Path("params.yaml")) -> None:
     """Merge the recipe of ``merge:`` into outputs/merged; write outputs/recipe.yaml and outputs/sources.json."""
     from flows.stages import merge_stage
-    from mergeflow.staging_progress import StagingProgress
+    from mergeflow.cli.staging_progress import StagingProgress
 
     with hub_endpoint(params) as endpoint, StagingProgress(MERGED, console):
         summary = merge_stage(

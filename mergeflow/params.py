@@ -1,6 +1,6 @@
-"""The ``merge:``, ``hub:`` and ``publish:`` sections of params.yaml, read by the DVC stages (dvc.yaml).
+"""Sections of params.yaml: how each is read, and the ``merge:``, ``hub:`` and ``publish:`` sections of the DVC stages.
 
-The ``eval:`` and ``gate:`` sections are ``tasks.evaluation.EvalSettings`` and ``tasks.gate.GatePolicy``.
+The ``eval:`` and ``gate:`` sections are ``mergeflow.evaluation.EvalSettings`` and ``mergeflow.gate.GatePolicy``.
 """
 from __future__ import annotations
 
@@ -9,15 +9,37 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from merge_ops.errors import ParamsError
 from merge_ops.sizes import parse_size
-from tasks.evaluation import read_params_section
+from mergeflow.errors import ParamsError
 
 LOCAL_HUB = "local"
-P = TypeVar("P", bound="_Section")
+P = TypeVar("P", bound="ParamsSection")
 
 
-class _Section(BaseModel):
+def read_params_section(path: Path, section: str) -> dict[str, Any]:
+    """One top-level section of a YAML params file.
+
+    Raises:
+        ParamsError: the file is missing, not YAML, or has no such mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError([f"{path} does not exist: create it with a `{section}:` section, or pass the settings explicitly"], source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError([f"not valid YAML: {err}"], source=str(path)) from None
+    value = data.get(section) if isinstance(data, dict) else None
+    if not isinstance(value, dict):
+        raise ParamsError([f"{section}: missing or not a mapping (got {value!r})"], source=str(path))
+    return value
+
+
+class ParamsSection(BaseModel):
+    """A section of params.yaml, named by ``section``: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     section: ClassVar[str] = ""
 
@@ -32,7 +54,7 @@ class _Section(BaseModel):
             raise ParamsError(problems, source=str(path)) from None
 
 
-class MergeParams(_Section):
+class MergeParams(ParamsSection):
     """Which recipe to merge, with the method and parameters optionally overridden (``dvc exp run -S``)."""
 
     section: ClassVar[str] = "merge"
@@ -52,7 +74,7 @@ class MergeParams(_Section):
         return parse_size(value)
 
 
-class HubParams(_Section):
+class HubParams(ParamsSection):
     """Where Hub models come from and go to."""
 
     section: ClassVar[str] = "hub"
@@ -65,7 +87,7 @@ class HubParams(_Section):
         return self.endpoint == LOCAL_HUB
 
 
-class PublishParams(_Section):
+class PublishParams(ParamsSection):
     """Where a merge that passes the gate is published."""
 
     section: ClassVar[str] = "publish"

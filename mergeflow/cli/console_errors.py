@@ -6,7 +6,7 @@ from typing import Callable, TypeVar
 import typer
 from rich.console import Console
 
-from merge_ops import settings
+from mergeflow import settings
 from merge_ops.errors import MergeflowError
 
 console = Console(stderr=True)

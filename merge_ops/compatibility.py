@@ -3,7 +3,7 @@
 Checked against the reference model (the recipe's base, else its first model): architecture and
 model_type, the config keys that fix tensor shapes, vocabulary size (and which tensors it explains),
 tensor names and shapes (per layer for slice recipes, so passthrough frankenmerges of different depths
-pass), dtypes, and the base model each fine-tune declares in its card. ``tasks.weight_space`` adds the
+pass), dtypes, and the base model each fine-tune declares in its card. ``merge_ops.weight_space`` adds the
 weight-space check once the weights are local. Problems stop the flow; warnings and notes are reported.
 """
 from __future__ import annotations
@@ -11,16 +11,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Literal
 
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 from pydantic import BaseModel
 
 from merge_ops.architecture import split_layer_name
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.recipe import Recipe
-from tasks.headers import ModelHeaders, TensorHeader
+from merge_ops.headers import ModelHeaders, TensorHeader
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
@@ -107,12 +103,7 @@ def _names(names: list[str]) -> str:
 
 
 def _layers(h: ModelHeaders) -> dict[int, dict[str, TensorHeader]]:
-    layers: dict[int, dict[str, TensorHeader]] = {}
-    for name, t in h.tensors.items():
-        parts = split_layer_name(name)
-        if parts:
-            layers.setdefault(parts[1], {})[parts[2]] = t
-    return layers
+    return {i: {rest: h.tensors[name] for rest, name in layer.items()} for i, layer in h.layers.items()}
 
 
 def summarize(h: ModelHeaders) -> ModelSummary:
@@ -120,7 +111,7 @@ def summarize(h: ModelHeaders) -> ModelSummary:
         key=h.key,
         architecture=",".join(h.config.get("architectures") or []) or None,
         model_type=h.config.get("model_type"),
-        layers=len(_layers(h)),
+        layers=len(h.layers),
         vocab_size=h.config.get("vocab_size"),
         tensors=len(h.tensors),
         dtypes=dict(Counter(t.dtype for t in h.tensors.values())),
@@ -267,14 +258,3 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
         findings += _slice_findings(recipe, headers, reference)
     findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers)
     return CompatibilityReport(method=recipe.merge_method, reference=reference, models=summaries, findings=findings)
-
-
-@task(name="check_compatibility", cache_policy=NO_CACHE, persist_result=False)
-def check_compatibility(recipe: Recipe, headers: list[ModelHeaders]) -> CompatibilityReport:
-    """Compare the models' headers; the report becomes an artifact; any problem stops the flow."""
-    report = compatibility_report(recipe, {h.key: h for h in headers})
-    create_markdown_artifact(report.markdown(), key="compatibility-report", description="Can these models be merged?")
-    for finding in report.findings:
-        get_run_logger().log(30 if finding.severity != "note" else 20, "%s: %s", finding.severity, finding)
-    report.raise_for_problems()
-    return report

@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
+
+from collections.abc import Mapping
 
 import torch
-from prefect import task
-from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
 
+from merge_ops.compatibility import BaseDistance, CompatibilityReport, Finding
+from merge_ops.headers import ModelHeaders
 from merge_ops.recipe import Recipe
-from merge_ops.safetensors_io import load_tensor, read_tensor_index
-from tasks.compatibility import BaseDistance, CompatibilityReport, Finding
-from tasks.sources import ResolvedSource
+from merge_ops.safetensors_io import load_tensor
 
 SAMPLE_TENSORS = 8
 SAMPLE_ELEMENTS = 1 << 20
@@ -36,9 +33,9 @@ FINE_TUNED_MIN_COSINE = 0.3
 FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 
 
-def base_distance(model_dir: Path, base_dir: Path, *, key: str) -> BaseDistance | None:
-    """Median cosine and relative distance of sampled tensors of ``model_dir`` from ``base_dir``; None if none compare."""
-    model, base = read_tensor_index(model_dir), read_tensor_index(base_dir)
+def base_distance(model_headers: ModelHeaders, base_headers: ModelHeaders) -> BaseDistance | None:
+    """Median cosine and relative distance of sampled tensors of a local model from the local base; None if none compare."""
+    model, base = model_headers.tensors, base_headers.tensors
     names = sorted(
         n for n, t in model.items()
         if len(t.shape) >= 2 and t.dtype in FLOAT_DTYPES and n in base and base[n].shape == t.shape and base[n].dtype in FLOAT_DTYPES
@@ -50,8 +47,8 @@ def base_distance(model_dir: Path, base_dir: Path, *, key: str) -> BaseDistance 
     for name in dict.fromkeys(picked):
         shape = model[name].shape
         rows = (0, min(shape[0], max(1, SAMPLE_ELEMENTS // math.prod(shape[1:]))))
-        x = load_tensor(model[name].file, name, rows).double().flatten()
-        b = load_tensor(base[name].file, name, rows).double().flatten()
+        x = load_tensor(model_headers.file(name), name, rows).double().flatten()
+        b = load_tensor(base_headers.file(name), name, rows).double().flatten()
         if b.norm() == 0 or x.norm() == 0:
             continue
         cosines.append(float(torch.dot(x, b) / (x.norm() * b.norm())))
@@ -59,21 +56,21 @@ def base_distance(model_dir: Path, base_dir: Path, *, key: str) -> BaseDistance 
     if not cosines:
         return None
     cosine = statistics.median(cosines)
-    return BaseDistance(model=key, tensors=len(cosines), cosine=cosine, relative_distance=statistics.median(distances), fine_tuned=cosine >= FINE_TUNED_MIN_COSINE)
+    return BaseDistance(model=model_headers.key, tensors=len(cosines), cosine=cosine, relative_distance=statistics.median(distances), fine_tuned=cosine >= FINE_TUNED_MIN_COSINE)
 
 
-def weight_space_report(recipe: Recipe, report: CompatibilityReport, sources: dict[str, Path]) -> CompatibilityReport:
+def weight_space_report(recipe: Recipe, report: CompatibilityReport, headers: Mapping[str, ModelHeaders]) -> CompatibilityReport:
     """``report`` with the weight-space distances of every model from the base, and a warning per unrelated model.
 
     Args:
         recipe: the recipe (no base model: nothing to compare, the report comes back unchanged).
         report: from ``compatibility_report``.
-        sources: ref key -> local model folder.
+        headers: ref key -> the model's headers, with its weights local (``ModelHeaders.at``).
     """
     if recipe.base_model is None:
         return report
     base_key = recipe.base_model.key
-    distances = [d for key, folder in sources.items() if key != base_key and (d := base_distance(folder, sources[base_key], key=key))]
+    distances = [d for key, h in headers.items() if key != base_key and (d := base_distance(h, headers[base_key]))]
     warnings = [
         Finding(severity="warning", model=d.model, check="weight_space",
                 message=f"not fine-tuned from this base: median cosine similarity {d.cosine:.3f} with {base_key} over {d.tensors} sampled "
@@ -81,15 +78,3 @@ def weight_space_report(recipe: Recipe, report: CompatibilityReport, sources: di
         for d in distances if not d.fine_tuned
     ]
     return report.model_copy(update={"weight_space": distances, "findings": report.findings + warnings})
-
-
-@task(name="check_weight_space", cache_policy=NO_CACHE, persist_result=False)
-def check_weight_space(recipe: Recipe, report: CompatibilityReport, sources: list[ResolvedSource]) -> CompatibilityReport:
-    """Measure how far each model is from the base; updates the compatibility artifact."""
-    updated = weight_space_report(recipe, report, {s.key: s.path for s in sources if s.path is not None})
-    for d in updated.weight_space:
-        get_run_logger().log(20 if d.fine_tuned else 30, "%s: cosine %.4f, relative distance %.4f from the base%s",
-                             d.model, d.cosine, d.relative_distance, "" if d.fine_tuned else " -> not fine-tuned from this base")
-    if updated.weight_space:
-        create_markdown_artifact(updated.markdown(), key="compatibility-report", description="Can these models be merged? (with weight space)")
-    return updated

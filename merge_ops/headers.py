@@ -1,0 +1,112 @@
+"""A model without its weights: config.json, the base model its card declares, and every tensor's header.
+
+One ``ModelHeaders`` per model serves the compatibility check, the weight-space check and the plan. It is
+read once: from a local folder (``read_local_headers``), or from the Hub before anything is downloaded
+(``mergeflow.sources.read_source_headers``); once the weights are local, ``at(folder)`` says where they are.
+Tensors are ordered by file (the index's order) and by name within a file, wherever they were read from.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from safetensors import safe_open
+
+from merge_ops.architecture import layer_count_key, split_layer_name
+from merge_ops.errors import ModelNotFoundError
+from merge_ops.safetensors_io import tensor_nbytes, weight_files
+
+
+class TensorHeader(BaseModel):
+    """One tensor's safetensors header entry, and the file that holds it (relative to the model folder)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+class ModelHeaders(BaseModel):
+    """One model as the checks and the plan see it; ``path`` is None while it is only on the Hub."""
+
+    key: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorHeader]
+    card_base_model: list[str] = []
+    path: Path | None = None
+
+    @cached_property
+    def layers(self) -> dict[int, dict[str, str]]:
+        """Layer index -> {name within the layer: tensor name}, in tensor order."""
+        layers: dict[int, dict[str, str]] = {}
+        for name in self.tensors:
+            parts = split_layer_name(name)
+            if parts:
+                layers.setdefault(parts[1], {})[parts[2]] = name
+        return layers
+
+    @property
+    def num_layers(self) -> int:
+        """The layer count of config.json."""
+        return int(self.config[layer_count_key(self.config)])
+
+    def file(self, tensor: str) -> Path:
+        """The local file holding ``tensor``.
+
+        Raises:
+            ModelNotFoundError: the model is not local yet.
+        """
+        if self.path is None:
+            raise ModelNotFoundError(self.key, "its weights are not local yet; download it first (`mergeflow run` does)")
+        return self.path / self.tensors[tensor].file
+
+    def at(self, folder: Path) -> ModelHeaders:
+        """The same headers, with the weights now in ``folder`` (a download of the same commit)."""
+        return self.model_copy(update={"path": Path(folder).resolve()})
+
+
+def ordered_tensors(files: Iterable[tuple[str, Mapping[str, tuple[str, tuple[int, ...]]]]]) -> dict[str, TensorHeader]:
+    """``(file, {name: (dtype, shape)})`` in file order -> name -> header, names sorted within each file."""
+    return {
+        name: TensorHeader(file=file, dtype=entries[name][0], shape=tuple(entries[name][1]))
+        for file, entries in files
+        for name in sorted(entries)
+    }
+
+
+def card_base_model(readme: Path | None) -> list[str]:
+    """The ``base_model`` a model card's metadata declares (none without a card)."""
+    from huggingface_hub.repocard import metadata_load
+
+    meta = metadata_load(readme) if readme is not None and readme.is_file() else None
+    value = (meta or {}).get("base_model") or []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def read_local_headers(key: str, folder: Path) -> ModelHeaders:
+    """config.json, card base_model and tensor headers of a local model folder (no weights read).
+
+    Raises:
+        ModelNotFoundError: no config.json or no safetensors weights.
+    """
+    folder = Path(folder).resolve()
+    if not (folder / "config.json").is_file():
+        raise ModelNotFoundError(key, f"{folder} has no config.json; point the recipe at a Hugging Face model folder")
+    files = []
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as handle:
+            entries = {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape())) for name in handle.keys()}
+        files.append((path.relative_to(folder).as_posix(), entries))
+    if not files:
+        raise ModelNotFoundError(key, f"{folder} has no .safetensors weights (convert .bin checkpoints to safetensors first)")
+    return ModelHeaders(
+        key=key, config=json.loads((folder / "config.json").read_text()), tensors=ordered_tensors(files),
+        card_base_model=card_base_model(folder / "README.md"), path=folder,
+    )
