@@ -38,7 +38,7 @@ def hf_token() -> str | None:
     return get_token()
 
 
-# -- evaluation, tracking and publishing (tasks/evaluation.py, tasks/tracking.py, flows/evaluate_publish.py)
+# -- evaluation, tracking and publishing (mergeflow/evaluation.py, mergeflow/tracking.py, flows/evaluate_publish.py)
 
 PARAMS_FILE: Path = Path(os.environ.get("MERGEFLOW_PARAMS", "params.yaml"))
 """MERGEFLOW_PARAMS: the params file whose ``eval:`` and ``gate:`` sections are the defaults of evaluate_track_publish."""

@@ -210,7 +210,7 @@ def lineage_tags(lineage: Lineage) -> dict[str, str]:
     }
     tags.update({f"{TAG}{k}": v for k, v in optional.items() if v is not None})
     for i, s in enumerate(lineage.sources):
-        fields = {"key": s.key, "repo_id": s.repo_id, "revision": s.revision, "commit": s.commit_sha, "path": s.path,
+        fields = {"key": s.key, "repo_id": s.repo_id, "revision": s.revision, "commit": s.commit_sha, "path": str(s.path) if s.path else None,
                   "role": "base" if s.is_base else "source"}
         tags.update({f"{TAG}source.{i}.{k}": v for k, v in fields.items() if v is not None})
     return tags

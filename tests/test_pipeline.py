@@ -16,6 +16,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
+import mergeflow.staging
 import tasks.shards
 from flows.merge_pipeline import merge_pipeline
 from merge_ops.engine import merge_model
@@ -186,22 +187,22 @@ def test_staging_folder_is_deterministic_and_trusts_only_complete_shards(family:
     recipe = write_recipe(tmp_path / "r.yaml", ties_recipe(str(family["base"]), str(family["ft_a"]), str(family["ft_b"])))
     plan = plan_merge(load_recipe(recipe), shard_size=5000)
     out = tmp_path / "merged"
-    first = tasks.shards.prepare_staging(plan, out)
+    first = mergeflow.staging.prepare_staging(plan, out)
     assert first.dir == staging_dir_for(out, first.plan_sha256) == tmp_path / f".merged.staging-{first.plan_sha256[:12]}"
     assert first.done_before == [] and len(first.shard_files) >= 3
     records = first.results_dir
     for i in (0, 1):  # shard 0 finished (file + record); shard 1 killed between rename and record; shard 2 record only
         (first.dir / first.shard_files[i]).write_bytes(b"shard")
-    (records / tasks.shards.shard_cache_key(first.plan_sha256, 0)).write_bytes(b"record")
-    (records / tasks.shards.shard_cache_key(first.plan_sha256, 2)).write_bytes(b"record")
+    (records / mergeflow.staging.shard_cache_key(first.plan_sha256, 0)).write_bytes(b"record")
+    (records / mergeflow.staging.shard_cache_key(first.plan_sha256, 2)).write_bytes(b"record")
     (first.dir / (first.shard_files[3] + ".partial")).write_bytes(b"half")
     (tmp_path / ".merged.staging-0123456789ab").mkdir()
 
-    again = tasks.shards.prepare_staging(plan, out)
+    again = mergeflow.staging.prepare_staging(plan, out)
     assert again.dir == first.dir and again.done_before == [0]
     assert sorted(p.name for p in first.dir.glob("model-*")) == [first.shard_files[0]]
-    assert sorted(p.name for p in records.iterdir()) == [tasks.shards.shard_cache_key(first.plan_sha256, 0)]
+    assert sorted(p.name for p in records.iterdir()) == [mergeflow.staging.shard_cache_key(first.plan_sha256, 0)]
     assert again.other_staging == [tmp_path / ".merged.staging-0123456789ab"]
     out.mkdir()
     with pytest.raises(OutputExistsError):
-        tasks.shards.prepare_staging(plan, out)
+        mergeflow.staging.prepare_staging(plan, out)
