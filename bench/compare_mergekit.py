@@ -54,7 +54,7 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
     base, a, b, neg = fam["base"], fam["ft_a"], fam["ft_b"], fam["ft_neg"]
 
     def with_base(method: str, params: dict, model_params: list[dict], global_params: dict | None = None) -> dict:
-        models = [{"model": m, "parameters": p} for m, p in zip((a, b, neg), model_params)]
+        models = [{"model": m, "parameters": p} for m, p in zip((a, b, neg), model_params, strict=False)]
         r = {"merge_method": method, "base_model": base, "models": models, "dtype": dtype}
         if global_params:
             r["parameters"] = global_params
@@ -303,7 +303,7 @@ def versions(mergekit_bin: str, mergeflow_bin: str) -> str:
     parts = []
     for tool, packages in ((mergekit_bin, ("mergekit", "torch")), (mergeflow_bin, ("mergeflow", "torch"))):
         python = Path(tool).parent / "python"
-        code = "import importlib.metadata as m; print(' '.join(p + ' ' + m.version(p) for p in %r))" % (packages,)
+        code = f"import importlib.metadata as m; print(' '.join(p + ' ' + m.version(p) for p in {packages!r}))"
         try:
             out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
         except (OSError, subprocess.SubprocessError):

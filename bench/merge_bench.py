@@ -184,9 +184,9 @@ def main() -> None:
         recipe_path.write_text(yaml.safe_dump(recipe))
         files = input_files(recipe, folders)
         out_bytes = sum(2 * torch.Size(s).numel() for _, s in tensor_shapes(CONFIG))
-        tools = {"mergeflow": lambda out: [mergeflow, "merge", str(recipe_path), str(out), "--force"]}
+        tools = {"mergeflow": lambda out, recipe_path=recipe_path: [mergeflow, "merge", str(recipe_path), str(out), "--force"]}
         if args.mergekit:
-            tools["mergekit"] = lambda out: [args.mergekit, str(recipe_path), str(out), "--copy-tokenizer", "--lazy-unpickle"]
+            tools["mergekit"] = lambda out, recipe_path=recipe_path: [args.mergekit, str(recipe_path), str(out), "--copy-tokenizer", "--lazy-unpickle"]
         for tool, command in tools.items():
             floors, direct_floors, walls, rss = [], [], [], []
             for _ in range(args.runs):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from mergeflow import settings
 
 
-def make_task_runner(*, workers: int | None = None, dask_address: str | None = None, dask_workers: int = 0) -> TaskRunner:
+def make_task_runner(*, workers: int | None = None, dask_address: str | None = None, dask_workers: int = 0) -> TaskRunner[Any]:
     """The task runner for the given choice; with none, the environment's (MERGEFLOW_WORKERS, MERGEFLOW_DASK_*).
 
     Args:
@@ -21,7 +22,7 @@ def make_task_runner(*, workers: int | None = None, dask_address: str | None = N
         >>> merge_pipeline.with_options(task_runner=make_task_runner(dask_workers=4))(recipe=..., out=...)
     """
     if dask_address or dask_workers > 0:
-        from prefect_dask import DaskTaskRunner  # dask and distributed take ~0.6 s to import: only when used
+        from prefect_dask.task_runners import DaskTaskRunner  # dask and distributed take ~0.6 s to import: only when used
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
@@ -30,7 +31,7 @@ def make_task_runner(*, workers: int | None = None, dask_address: str | None = N
     return ThreadPoolTaskRunner(max_workers=workers or settings.WORKERS)
 
 
-def default_task_runner() -> TaskRunner:
+def default_task_runner() -> TaskRunner[Any]:
     return make_task_runner(workers=settings.WORKERS, dask_address=settings.DASK_ADDRESS, dask_workers=settings.DASK_WORKERS)
 
 

@@ -102,7 +102,7 @@ def sweep(
     merges = merge_candidate_task.map(candidates, unmapped(headers), unmapped(sources), unmapped(device), unmapped(force))
     references = {s.key: evaluate_model_task(s.path, evaluation, s.key, eval_cache_dir) for s in sources if s.path}
     shards, evaluations = [], []
-    for candidate, merged in zip(candidates, merges):
+    for candidate, merged in zip(candidates, merges, strict=False):
         shards.append(merged.result())
         evaluations.append(evaluate_model_task(candidate.out, evaluation, candidate.name, eval_cache_dir))
 

@@ -15,8 +15,8 @@ from pydantic import BaseModel
 
 from merge_ops.architecture import split_layer_name
 from merge_ops.errors import IncompatibleModelsError
-from merge_ops.recipe import Recipe
 from merge_ops.headers import ModelHeaders, TensorHeader
+from merge_ops.recipe import Recipe
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
@@ -147,6 +147,12 @@ def _shape_findings(model: str, ref_key: str, pairs: list[tuple[str, TensorHeade
     return [Finding(severity="problem", model=model, check="tensor_shapes", message=f"{len(differ)} tensor(s) have other shapes than in {ref_key}: {_names(shown)}")]
 
 
+def _vocab_difference(ref: ModelHeaders, other: ModelHeaders) -> tuple[int, int] | None:
+    """(reference, other) vocabulary sizes when config.json says they differ."""
+    want, got = ref.config.get("vocab_size"), other.config.get("vocab_size")
+    return (int(want), int(got)) if isinstance(want, int) and isinstance(got, int) and want != got else None
+
+
 def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     missing = [n for n in ref.tensors if n not in other.tensors]
     extra = [n for n in other.tensors if n not in ref.tensors]
@@ -155,9 +161,8 @@ def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
         found.append(Finding(severity="problem", model=other.key, check="tensor_names", message=f"lacks {len(missing)} tensor(s) of {ref.key}: {_names(missing)}"))
     if extra:
         found.append(Finding(severity="problem", model=other.key, check="tensor_names", message=f"has {len(extra)} tensor(s) {ref.key} lacks: {_names(extra)}"))
-    vocab = (ref.config.get("vocab_size"), other.config.get("vocab_size"))
     pairs = [(n, ref.tensors[n], other.tensors[n]) for n in ref.tensors if n in other.tensors]
-    return found + _shape_findings(other.key, ref.key, pairs, vocab if vocab[0] != vocab[1] else None)
+    return found + _shape_findings(other.key, ref.key, pairs, _vocab_difference(ref, other))
 
 
 def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference: str) -> list[Finding]:
@@ -189,8 +194,7 @@ def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference:
     ref = headers[reference]
     for key, h in headers.items():  # embeddings, final norm, lm_head: shapes must agree where present
         pairs = [(n, t, h.tensors[n]) for n, t in ref.tensors.items() if split_layer_name(n) is None and n in h.tensors]
-        vocab = (ref.config.get("vocab_size"), h.config.get("vocab_size"))
-        found += _shape_findings(key, reference, pairs, vocab if vocab[0] != vocab[1] else None) if key != reference else []
+        found += _shape_findings(key, reference, pairs, _vocab_difference(ref, h)) if key != reference else []
     return found
 
 

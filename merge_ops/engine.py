@@ -5,10 +5,11 @@ import math
 import shutil
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -137,10 +138,14 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
     if method.casts_output:
         kwargs["out_dtype"] = out_dtype
     try:
-        result = method(inputs, base, **kwargs)
+        result: torch.Tensor = method(inputs, base, **kwargs)
     except ValueError as err:
         raise ValueError(f"{plan.method} failed on tensor {job.name}: {err}") from err
     return result.to(dtype=out_dtype, device="cpu")
+
+
+def _report(progress: Progress, piece: Piece, _: Future[None]) -> None:
+    progress(piece)
 
 
 def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cpu", progress: Progress | None = None) -> str:
@@ -173,7 +178,7 @@ def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cp
                 writes.popleft().result()
             writes.append(writer_thread.submit(writer.write, piece.job.name, result))
             if progress:
-                writes[-1].add_done_callback(lambda _, piece=piece: progress(piece))
+                writes[-1].add_done_callback(partial(_report, progress, piece))
         for pending in writes:
             pending.result()
     return writer.sha256

@@ -7,7 +7,8 @@ falls through (``NOT_SET``) when none matches.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from merge_ops.recipe import FilterEntry, Parameters, ParamValue
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class FilterEntry(BaseModel):
@@ -21,10 +21,10 @@ class FilterEntry(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     filter: str | None = None
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
 
 
-ParamValue = Union[Scalar, list[FilterEntry], list[Scalar]]
+ParamValue = Scalar | list[FilterEntry] | list[Scalar]
 Parameters = dict[str, ParamValue]
 
 
@@ -89,7 +89,7 @@ class Slice(BaseModel):
     parameters: Parameters = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _same_length(self) -> "Slice":
+    def _same_length(self) -> Slice:
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
             raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
@@ -134,14 +134,14 @@ class Recipe(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _models_or_slices(self) -> "Recipe":
+    def _models_or_slices(self) -> Recipe:
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of `models` or `slices`")
         if self.tokenizer and self.tokenizer_source:
             raise ValueError("give either `tokenizer_source` or `tokenizer`, not both")
         return self
 
-    def with_source(self, text: str, path: Path | None = None) -> "Recipe":
+    def with_source(self, text: str, path: Path | None = None) -> Recipe:
         """This recipe, remembering the text it was parsed from and the file that held it."""
         self._text, self._path = text, path
         return self

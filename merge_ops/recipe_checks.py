@@ -7,7 +7,7 @@ from merge_ops.errors import RecipeError
 from merge_ops.methods.declaration import MergeMethod
 from merge_ops.methods.registry import METHODS, get_method
 from merge_ops.parameters import scalars_in
-from merge_ops.recipe import Parameters, Recipe
+from merge_ops.recipe import ModelRef, Parameters, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ def method_problems(recipe: Recipe) -> list[str]:
     if method.base == "required" and recipe.base_model is None:
         problems.append(f"base_model: {method.name} needs a base_model; add `base_model: <the model the others were fine-tuned from>`")
     base = recipe.base_model
+    groups: list[tuple[str, list[tuple[ModelRef, Parameters]], Parameters]]
     if recipe.models is not None:
         groups = [("models", [(m.model, m.parameters) for m in recipe.models], {})]
     else:

@@ -11,8 +11,9 @@ one global value. Switching the method drops the parameters the new method does 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -56,7 +56,8 @@ def weight_files(model_dir: Path) -> list[Path]:
 def load_tensor(file: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor, or the block of its rows ``[start, end)``: a view of the file's mapping, which lives as long as it."""
     with safe_open(file, framework="pt") as handle:
-        return handle.get_slice(name)[rows[0] : rows[1]] if rows else handle.get_tensor(name)
+        tensor: torch.Tensor = handle.get_slice(name)[rows[0] : rows[1]] if rows else handle.get_tensor(name)
+    return tensor
 
 
 class TensorBlocks:
@@ -78,7 +79,7 @@ class TensorBlocks:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy().data) if flat.numel() else memoryview(b"")
 
 
 class StreamingSafetensorsWriter:
@@ -151,7 +152,7 @@ class StreamingSafetensorsWriter:
         self._file.abort()
         self.partial.unlink(missing_ok=True)
 
-    def __enter__(self) -> "StreamingSafetensorsWriter":
+    def __enter__(self) -> StreamingSafetensorsWriter:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:

@@ -126,7 +126,7 @@ def expand_grid(data: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], *, s
     candidates: dict[str, Candidate] = {}
     problems = []
     for combination in itertools.product(*(axes[k] for k in keys)):
-        point = dict(zip(keys, combination))
+        point = dict(zip(keys, combination, strict=False))
         method = point.pop(METHOD, methods[0])
         parameters = {k: v for k, v in point.items() if k in METHODS[method].params}
         name = candidate_name(method, parameters)

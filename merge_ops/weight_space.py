@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import statistics
-
 from collections.abc import Mapping
 
 import torch

@@ -9,6 +9,7 @@ so the same model and scores give the same card, and publishing it again makes n
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 from huggingface_hub import EvalResult as HubEvalResult
@@ -21,7 +22,7 @@ CARD_MARK = "<!-- mergeflow: evaluation and lineage, generated; edits below this
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 
 
-def _split_card(text: str) -> tuple[dict, str]:
+def _split_card(text: str) -> tuple[dict[str, Any], str]:
     if text.startswith("---\n"):
         _, header, body = text.split("---\n", 2)
         return yaml.safe_load(header) or {}, body
@@ -85,9 +86,10 @@ def hub_card(card_text: str, *, lineage: Lineage, merged: EvalResult, sources: d
         )
         for task_name, metric in merged.primary.items()
     ]
+    relation: dict[str, Any] = {"base_model_relation": "merge"} if hub_ids else {}
     data = ModelCardData(
         base_model=hub_ids or None, library_name="transformers", tags=tags, model_name=model_name, eval_results=results or None,
-        **({"base_model_relation": "merge"} if hub_ids else {}), **keep,
+        **relation, **keep,
     )
     names = {s.key: s.label for s in lineage.sources}
     extension = [CARD_MARK, "", *_evaluation_section(merged, sources or {}, names), "", *_lineage_section(lineage)]

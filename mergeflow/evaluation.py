@@ -106,7 +106,7 @@ def _primary(task: str, metrics: dict[str, float], configs: dict[str, Any]) -> s
     for wanted in configured:
         for name in (wanted, *sorted(n for n in metrics if n.startswith(f"{wanted}/"))):
             if name in metrics:
-                return name
+                return str(name)
     return next((n for n in metrics if "_stderr" not in n), None)
 
 

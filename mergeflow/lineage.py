@@ -11,9 +11,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from mergeflow import settings
 from merge_ops.methods.registry import get_method
 from merge_ops.recipe import Recipe
+from mergeflow import settings
 from mergeflow.sources import Source
 
 
@@ -60,8 +60,8 @@ def dvc_hash(folder: Path) -> str:
     from dvc_objects.fs.local import LocalFileSystem
     from dvc_objects.fs.memory import MemoryFileSystem
 
-    staging = HashFileDB(MemoryFileSystem(), "/mergeflow-staging")
-    _, _, obj = build(staging, str(Path(folder).resolve()), LocalFileSystem(), "md5", dry_run=True)
+    staging = HashFileDB(MemoryFileSystem(), "/mergeflow-staging")  # type: ignore[no-untyped-call]
+    _, _, obj = build(staging, str(Path(folder).resolve()), LocalFileSystem(), "md5", dry_run=True)  # type: ignore[no-untyped-call]
     return str(obj.hash_info.value)
 
 

@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -57,7 +57,7 @@ class _HttpError(Exception):
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def _git_oid(data: bytes) -> str:
@@ -119,7 +119,7 @@ class _Store:
         with self.lock:
             if self.exists(repo_type, repo_id):
                 return False
-            initial = {"parent": None, "message": "initial commit", "description": "", "files": {}}
+            initial: dict[str, Any] = {"parent": None, "message": "initial commit", "description": "", "files": {}}
             sha = _canonical_sha1(initial)
             repo = {
                 "id": repo_id,
@@ -148,7 +148,8 @@ class _Store:
             sha = repo["branches"].get(branch, revision if _COMMIT_ID.fullmatch(revision) else None)
             for commit in reversed(repo["commits"]):
                 if commit["sha"] == sha:
-                    return commit
+                    found: dict[str, Any] = commit
+                    return found
         raise _HttpError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
 
     def put_blob(self, data: bytes) -> dict[str, Any]:
@@ -161,7 +162,7 @@ class _Store:
         return {"oid": _git_oid(data), "sha256": sha256, "size": len(data)}
 
     def blob_path(self, entry: dict[str, Any]) -> Path:
-        return self.root / "blobs" / entry["sha256"]
+        return self.root / "blobs" / str(entry["sha256"])
 
     def commit(self, repo: dict[str, Any], branch: str, header: dict[str, Any], ops: list[dict[str, Any]]) -> str:
         """Apply `ops` on top of `branch`; returns the new head, or the old one when no file changed."""
@@ -195,7 +196,7 @@ class _Store:
                 else:
                     raise _HttpError(400, f"Unsupported commit operation {key!r}: LocalHub stores regular files only.")
             if files == head["files"]:
-                return head["sha"]
+                return str(head["sha"])
             content = {
                 "parent": head["sha"],
                 "message": header.get("summary", ""),
@@ -507,6 +508,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.store, self.token = store, token
         host, port = self.server_address[:2]
+        host = host.decode() if isinstance(host, bytes) else host
         self.endpoint = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
 
 

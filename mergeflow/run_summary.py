@@ -49,8 +49,9 @@ class RunSummary(BaseModel):
         lines += ["", f"## Compatibility: {compat}", "", *(notes or ["- no warnings"])]
         lines += [f"- `{d.model}`: cosine {d.cosine:.4f}, relative distance {d.relative_distance:.4f} from the base" for d in report.weight_space]
         lines += ["", "## Shards", "", "| shard | MB | seconds | sha256 | |", "|---|---|---|---|---|"]
-        for s in self.shards:
-            lines.append(f"| {s.file} | {s.nbytes / 1e6:.1f} | {s.seconds:.2f} | `{s.sha256}` | {'resumed' if s.index in self.resumed else ''} |")
+        for shard in self.shards:
+            resumed = "resumed" if shard.index in self.resumed else ""
+            lines.append(f"| {shard.file} | {shard.nbytes / 1e6:.1f} | {shard.seconds:.2f} | `{shard.sha256}` | {resumed} |")
         return "\n".join(lines) + "\n"
 
 

@@ -8,10 +8,9 @@ never an argument, a log line or a Prefect record.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
@@ -137,15 +136,18 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
     if source.path is not None:
         return read_local_headers(source.key, source.path)
     assert source.repo_id is not None and source.commit_sha is not None
-    hub = dict(revision=source.commit_sha, endpoint=endpoint or settings.HF_ENDPOINT, token=settings.hf_token())
-    cache = cache_dir or settings.HF_CACHE_DIR
+    url, token, cache = endpoint or settings.HF_ENDPOINT, settings.hf_token(), cache_dir or settings.HF_CACHE_DIR
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(source.repo_id, filename, revision=source.commit_sha, endpoint=url, token=token, cache_dir=cache))  # type: ignore[arg-type]
+
     try:
-        config_file = hf_hub_download(source.repo_id, "config.json", cache_dir=cache, **hub)
+        config_file = fetch("config.json")
         try:
-            readme: Path | None = Path(hf_hub_download(source.repo_id, "README.md", cache_dir=cache, **hub))
+            readme: Path | None = fetch("README.md")
         except EntryNotFoundError:
             readme = None
-        api = HfApi(endpoint=hub["endpoint"], token=hub["token"])
+        api = HfApi(endpoint=url, token=token)
         meta = api.get_safetensors_metadata(source.repo_id, revision=source.commit_sha)
     except EntryNotFoundError:
         raise ModelNotFoundError(source.key, "the repo has no config.json; is it a transformers model?") from None
@@ -155,7 +157,7 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
         raise hub_error(source.repo_id, source.commit_sha, err) from err
     files = [(f, {n: (t.dtype, tuple(t.shape)) for n, t in meta.files_metadata[f].tensors.items()}) for f in dict.fromkeys(meta.weight_map.values())]
     return ModelHeaders(
-        key=source.key, config=json.loads(Path(config_file).read_text()), tensors=ordered_tensors(files),
+        key=source.key, config=json.loads(config_file.read_text()), tensors=ordered_tensors(files),
         card_base_model=card_base_model(readme),
     )
 

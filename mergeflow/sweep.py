@@ -135,7 +135,7 @@ def _track_candidate(mlflow: MlflowClient, exp: str, parent: str, candidate: Can
     log_batches(mlflow, run, params=flatten({"merge_method": c.method, **c.parameters}) | eval_params, metrics=metrics, tags=tags)
     mlflow.log_artifact(run, str(c.recipe), "recipe")
     mlflow.set_terminated(run, "FINISHED")
-    return run
+    return str(run)
 
 
 def track_sweep(

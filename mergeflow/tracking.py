@@ -25,7 +25,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,7 +129,7 @@ def refusals(uri: str) -> Iterator[None]:
     try:
         yield
     except MlflowException as err:
-        status = err.get_http_status_code()
+        status = int(err.get_http_status_code())  # type: ignore[no-untyped-call]
         if 400 <= status < 500 and status != 429:
             raise TrackingError(uri, err.message) from err
         raise
@@ -172,6 +172,7 @@ def registered_name(name: str) -> str:
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """``{"models": [{"parameters": {"weight": 1}}]}`` -> ``{"models.0.parameters.weight": "1"}``."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):

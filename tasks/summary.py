@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -19,8 +20,11 @@ from tasks.retries import LOCAL
 
 
 def _flow_started() -> float:
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return time.time()
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run.get_id())
+        run = client.read_flow_run(UUID(run_id))
     return run.start_time.timestamp() if run.start_time else time.time()
 
 

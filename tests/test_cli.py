@@ -73,7 +73,7 @@ def test_methods_lists_every_method() -> None:
             rows[next(reversed(rows))].append(cells[1:])
     assert list(rows) == list(METHODS)  # every registered method, in registry order, nothing else
     for m in METHODS.values():
-        base, params, summary = ([c for c in column if c] for column in zip(*rows[m.name]))
+        base, params, summary = ([c for c in column if c] for column in zip(*rows[m.name], strict=False))
         assert base == [m.base], m.name
         assert params == [f"{name}: {p.describe()}" for name, p in m.params.items()], m.name
         assert " ".join(summary) == m.summary, m.name

@@ -8,16 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi
-
-from merge_ops.errors import IncompatibleModelsError
-from merge_ops.recipe_file import parse_recipe
-from mergeflow.local_hub import LocalHub
 from pipeline_helpers import hub_online, push, ties_recipe
-from merge_ops.compatibility import CompatibilityReport, compatibility_report
-from merge_ops.headers import ModelHeaders
-from mergeflow.sources import Source, read_source_headers, resolve_source
-from merge_ops.weight_space import weight_space_report
 from tiny_family import CONFIG, base_state, fine_tune, write_model
+
+from merge_ops.compatibility import CompatibilityReport, compatibility_report
+from merge_ops.errors import IncompatibleModelsError
+from merge_ops.headers import ModelHeaders
+from merge_ops.recipe_file import parse_recipe
+from merge_ops.weight_space import weight_space_report
+from mergeflow.local_hub import LocalHub
+from mergeflow.sources import Source, read_source_headers, resolve_source
 
 
 @pytest.fixture(scope="module")

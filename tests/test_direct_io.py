@@ -23,7 +23,7 @@ def test_bytes_round_trip_in_uneven_pieces(tmp_path: Path, size: int) -> None:
     data = random.Random(size).randbytes(size)
     writer = SequentialWriter(tmp_path / "out.bin")
     cuts = sorted(random.Random(size + 1).sample(range(size + 1), min(size + 1, 7)))
-    for start, end in zip([0, *cuts], [*cuts, size]):
+    for start, end in zip([0, *cuts], [*cuts, size], strict=False):
         writer.write(data[start:end])
     writer.close()
     assert (tmp_path / "out.bin").read_bytes() == data

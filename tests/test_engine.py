@@ -10,6 +10,7 @@ import torch
 from method_cases import NAMES, call_kwargs, model_count, names_where, recipe_for, uses_base
 from safetensors import safe_open
 from safetensors.torch import load_file, save
+from tiny_family import CONFIG, base_state, write_model
 from transformers import AutoModelForCausalLM
 
 from merge_ops.engine import finalize, merge_model, merge_shard
@@ -17,7 +18,6 @@ from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, Output
 from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe_file import parse_recipe
 from merge_ops.safetensors_io import StreamingSafetensorsWriter
-from tiny_family import CONFIG, base_state, write_model
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:

@@ -18,15 +18,15 @@ from typer.testing import CliRunner
 
 from flows.evaluate_publish import evaluate_track_publish
 from merge_ops.engine import merge_model
-from mergeflow.errors import GateFailedError
 from merge_ops.headers import read_local_headers
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
 from mergeflow.cli import app
-from mergeflow.local_hub import LocalHub
+from mergeflow.errors import GateFailedError
 from mergeflow.evaluation import EvalSettings
 from mergeflow.gate import GatePolicy
 from mergeflow.hub import PublishTarget
+from mergeflow.local_hub import LocalHub
 from mergeflow.sources import Source
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).

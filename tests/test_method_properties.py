@@ -133,7 +133,7 @@ def test_ties_output_is_a_mean_of_the_agreeing_deltas(family, data) -> None:
     )
     merged = (out - base).double().numpy()
     # The vote recomputed with the same float32 operations, so a sum near 0 rounds the same way.
-    weighted_t = torch.stack([(x - base) * w for x, w in zip(xs, weights)])
+    weighted_t = torch.stack([(x - base) * w for x, w in zip(xs, weights, strict=False)])
     elected = np.where((weighted_t.sum(dim=0) >= 0).numpy(), 1.0, -1.0)
     weighted = weighted_t.double().numpy()
     deltas = np.stack([(x - base).double().numpy() for x in xs])

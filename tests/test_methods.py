@@ -532,5 +532,5 @@ def test_kth_largest_is_exact() -> None:
     for values in (spread, spread.round()):  # distinct values, then many ties
         ordered = values.sort(descending=True).values
         for k in (1, 2, 777, 4999, 5000):
-            value, above, equal, _ = kth_largest(lambda: [values[:1234].clone(), values[1234:].clone()], k)
+            value, above, equal, _ = kth_largest(lambda values=values: [values[:1234].clone(), values[1234:].clone()], k)
             assert value == ordered[k - 1] and above == int((values > value).sum()) and equal == int((values == value).sum())

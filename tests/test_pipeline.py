@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from distributed import LocalCluster
 from huggingface_hub import HfApi
+from pipeline_helpers import folder_bytes, hub_online, push, ties_recipe, write_recipe
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
+from tiny_family import CONFIG, base_state, fine_tune, write_model
 
 import mergeflow.staging
 import tasks.shards
@@ -24,9 +26,7 @@ from merge_ops.errors import IncompatibleModelsError, OutputExistsError
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
 from mergeflow.local_hub import LocalHub
-from pipeline_helpers import folder_bytes, hub_online, push, ties_recipe, write_recipe
 from mergeflow.staging import staging_dir_for
-from tiny_family import CONFIG, base_state, fine_tune, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD = 2500

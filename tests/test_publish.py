@@ -11,15 +11,15 @@ from huggingface_hub import HfApi, ModelCard, snapshot_download
 from pipeline_helpers import folder_bytes, hub_online
 from prefect import flow
 
-from mergeflow import settings
 from merge_ops.engine import merge_model
 from merge_ops.errors import MergeflowError
-from mergeflow.errors import PublishError
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
-from mergeflow.local_hub import LocalHub
+from mergeflow import settings
 from mergeflow.card import CARD_MARK, write_hub_card
+from mergeflow.errors import PublishError
 from mergeflow.hub import PublishTarget, publish_model
+from mergeflow.local_hub import LocalHub
 from mergeflow.sources import Source
 from tasks.publish import publish_model_task
 

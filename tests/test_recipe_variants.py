@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mergeflow.errors import ParamsError
 from merge_ops.errors import RecipeError
 from merge_ops.recipe_variants import vary_recipe
+from mergeflow.errors import ParamsError
 from mergeflow.params import HubParams, MergeParams, PublishParams
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_helpers import write_recipe
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import Deployment
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
-
-from pipeline_helpers import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
+from pipeline_helpers import hub_online, push
 from prefect import flow
 from prefect.client.orchestration import get_client
 
-from mergeflow import settings
-from mergeflow.errors import HubAccessError
 from merge_ops.errors import ModelNotFoundError
 from merge_ops.recipe import ModelRef
+from mergeflow import settings
+from mergeflow.errors import HubAccessError
 from mergeflow.local_hub import LocalHub
-from pipeline_helpers import hub_online, push
 from mergeflow.sources import Source, download_source, resolve_source
 from tasks.sources import download_model, resolve_model
 

@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from evaluate_publish_helpers import EVALS, REPO
 from huggingface_hub import HfApi, snapshot_download
 from mlflow import MlflowClient
+from pipeline_helpers import folder_bytes, hub_online
 from typer.testing import CliRunner
 
-from evaluate_publish_helpers import EVALS, REPO
 from flows.runners import make_task_runner
 from flows.sweep import sweep
-from mergeflow import settings
 from merge_ops.errors import RecipeError
 from merge_ops.sweep_grid import expand_grid, parse_grid
+from mergeflow import settings
 from mergeflow.cli import app
-from mergeflow.local_hub import LocalHub
-from pipeline_helpers import folder_bytes, hub_online
 from mergeflow.evaluation import EvalSettings
+from mergeflow.local_hub import LocalHub
 
 pytest_plugins = ["demo_family_fixtures", "evaluate_publish_fixtures"]
 

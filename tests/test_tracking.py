@@ -10,14 +10,14 @@ from evaluate_publish_helpers import fake_eval, hub_lineage
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from mergeflow import settings
+from merge_ops.compatibility import CompatibilityReport, Finding
 from merge_ops.engine import merge_model
-from mergeflow.errors import TrackingError
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
-from mergeflow.cli import app
+from mergeflow import settings
 from mergeflow.chart import plot_scores
-from merge_ops.compatibility import CompatibilityReport, Finding
+from mergeflow.cli import app
+from mergeflow.errors import TrackingError
 from mergeflow.evaluation import EvalSettings
 from mergeflow.gate import GateDecision, GatePolicy
 from mergeflow.hub import Published

@@ -15,7 +15,7 @@ def outlier_trims(
     gamma: PerModel[Fraction] = each(0.01),  # noqa: B008
 ) -> list[Sparsifier]:
     """Keep a ``density`` fraction of each task vector: the largest entries but its top ``gamma`` outliers."""
-    return [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma)]
+    return [WholeTensor(magnitude_outliers(d, g)) for d, g in zip(density, gamma, strict=False)]
 
 
 breadcrumbs = task_vector_method(

@@ -17,7 +17,7 @@ def random_drops(
     tensors: list[Tensor], *, generator: torch.Generator, density: PerModel[Fraction] = each(1.0)  # noqa: B008
 ) -> list[Sparsifier]:
     """Keep each entry with probability ``density``, from one seed per model."""
-    return [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)))]
+    return [RandomDrop(d, s) for d, s in zip(density, model_seeds(generator, len(tensors)), strict=False)]
 
 
 dare_ties = task_vector_method(

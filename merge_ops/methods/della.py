@@ -22,7 +22,7 @@ def magprunes(
 ) -> list[Sparsifier]:
     """Keep entries with probability ``density - epsilon`` to ``density + epsilon`` by magnitude rank in their row."""
     seeds = model_seeds(generator, len(tensors))
-    return [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds)]
+    return [WholeTensor(della_magprune(d, e, s)) for d, e, s in zip(density, epsilon, seeds, strict=False)]
 
 
 della = task_vector_method(

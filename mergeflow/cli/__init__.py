@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -13,13 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
+from merge_ops import sizes
 from merge_ops.engine import Piece, check_device, merge_model, peak_memory_estimate
 from merge_ops.errors import OutputExistsError
 from merge_ops.methods.registry import METHODS
-from merge_ops.plan import DEFAULT_SHARD_SIZE, MergePlan, plan_merge
+from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe_file import load_recipe
 from mergeflow import settings
-from merge_ops import sizes
 from mergeflow.cli.console_errors import console, friendly_errors
 from mergeflow.cli.stage import stage_app
 
@@ -153,9 +152,9 @@ def methods() -> None:
 # -- the Prefect pipeline: run, check, serve ---------------------------------------------------------
 
 Workers = Annotated[int, typer.Option(help="Shards merged at once by the thread-pool task runner (default MERGEFLOW_WORKERS).")]
-DaskAddress = Annotated[Optional[str], typer.Option(help="Run the tasks on this Dask scheduler, e.g. tcp://host:8786 (default MERGEFLOW_DASK_ADDRESS).")]
+DaskAddress = Annotated[str | None, typer.Option(help="Run the tasks on this Dask scheduler, e.g. tcp://host:8786 (default MERGEFLOW_DASK_ADDRESS).")]
 DaskWorkers = Annotated[int, typer.Option(help="Run the tasks on a local Dask cluster of N worker processes (default MERGEFLOW_DASK_WORKERS).")]
-Endpoint = Annotated[Optional[str], typer.Option(help="Hub URL (default HF_ENDPOINT).")]
+Endpoint = Annotated[str | None, typer.Option(help="Hub URL (default HF_ENDPOINT).")]
 
 
 @app.command()
@@ -228,8 +227,8 @@ def check(recipe: Path, endpoint: Endpoint = None) -> None:
 def serve(
     recipe: Path,
     cron: Annotated[str, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')],
-    out: Annotated[Optional[Path], typer.Option(help="Output folder, replaced by each run (default merged/RECIPE-NAME).")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Deployment name (default merge-RECIPE-NAME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder, replaced by each run (default merged/RECIPE-NAME).")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default merge-RECIPE-NAME).")] = None,
     timezone: Annotated[str, typer.Option(help="Time zone of the cron schedule.")] = "UTC",
     shard_size: ShardSize = "5GB",
     compute_dtype: ComputeDtype = "float32",
@@ -261,7 +260,7 @@ def serve(
         },
         description=f"Merge {recipe.name} on the schedule {cron} ({timezone}).",
     )
-    prefect_serve(deployment)
+    prefect_serve(deployment)  # type: ignore[arg-type]  # to_deployment is sync here (no running event loop)
 
 
 # -- sweep: a grid of recipe variants, merged, evaluated, ranked; the best through the gate --------------
@@ -272,9 +271,9 @@ def serve(
 def sweep(
     recipe: Path,
     grid: Annotated[list[str], typer.Option("--grid", help="KEY=V1,V2,...: merge methods (method=ties,dare_ties) or a recipe parameter's values (density=0.3,0.5); repeat for each key.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder of the candidates' recipes and merged models (default sweeps/RECIPE-NAME).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder of the candidates' recipes and merged models (default sweeps/RECIPE-NAME).")] = None,
     workers: Annotated[int, typer.Option(help="Candidates merged at once.")] = settings.WORKERS,
-    publish: Annotated[Optional[str], typer.Option(help="Hub repo id: send the best candidate through the gate and publish it there if it passes.")] = None,
+    publish: Annotated[str | None, typer.Option(help="Hub repo id: send the best candidate through the gate and publish it there if it passes.")] = None,
     endpoint: Endpoint = None,
     params: Annotated[Path, typer.Option("--params", help="params.yaml with the eval: and gate: sections.")] = settings.PARAMS_FILE,
     force: Annotated[bool, typer.Option("--force", help="Merge into OUT even if it exists, replacing candidates of the same name.")] = False,
@@ -284,12 +283,15 @@ def sweep(
     The candidates are the cartesian product of the --grid values; parameters a candidate's method does not
     have are left out (task_arithmetic has no density). Each is an MLflow child run of the sweep's run.
     """
+    import yaml
+
     from flows.runners import make_task_runner
     from flows.sweep import sweep as sweep_flow
-    from merge_ops.sweep_grid import parse_grid
+    from merge_ops.sweep_grid import expand_grid, parse_grid
     from mergeflow.evaluation import mean_score
 
     parsed = parse_grid(grid)
+    expand_grid(yaml.safe_load(recipe.read_text()), parsed, source=str(recipe))  # grid errors before Prefect starts
     out = out or Path("sweeps") / recipe.stem
     if out.exists() and not force:
         raise OutputExistsError(str(out))
@@ -332,7 +334,7 @@ def sweep(
 @friendly_errors
 def lineage(
     name: Annotated[str, typer.Argument(help="Registered model name in MLflow (a repo id's '/' reads as '--').")],
-    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlruns).")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help="MLflow store (default MLFLOW_TRACKING_URI, else ./mlruns).")] = None,
 ) -> None:
     """Print the lineage of every version of NAME: sources -> merged -> published, read from MLflow."""
     from rich.tree import Tree
@@ -365,4 +367,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

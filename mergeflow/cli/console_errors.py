@@ -1,13 +1,14 @@
 """The CLI's error console, and the decorator that turns mergeflow errors into one red line."""
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 from rich.console import Console
 
-from mergeflow import settings
 from merge_ops.errors import MergeflowError
+from mergeflow import settings
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])

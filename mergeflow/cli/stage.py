@@ -30,8 +30,8 @@ def hub_endpoint(params: Path) -> Iterator[str | None]:
     """The Hub of ``hub.endpoint``. For ``local``: a Hub-compatible server over outputs/hub while in use, holding
     the demo family of outputs/demo-family as ``demo/NAME`` (pushed now; unchanged files make no new commit)."""
     from mergeflow.demo_family.build import family_models
-    from mergeflow.local_hub import LocalHub
     from mergeflow.hub import publish_model
+    from mergeflow.local_hub import LocalHub
     from mergeflow.params import HubParams
 
     hub = HubParams.from_params(params)

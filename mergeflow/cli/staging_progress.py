@@ -58,7 +58,7 @@ class StagingProgress:
         while not self._stop.wait(self.interval):
             self._poll()
 
-    def __enter__(self) -> "StagingProgress":
+    def __enter__(self) -> StagingProgress:
         self.progress.start()
         self._thread.start()
         return self
