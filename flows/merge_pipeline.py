@@ -83,7 +83,7 @@ def merge_pipeline(
     sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns)
 
     # Plan into a staging folder; merge the shards in parallel (shards already there are skipped)
-    staging = plan_shards(parsed, headers, sources, out, shard_size, compute_dtype, force)
+    staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force)
     shard_task = merge_shard.with_options(result_storage=staging.results_dir)
     results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
 

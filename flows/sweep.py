@@ -99,7 +99,7 @@ def sweep(
 
     # Merge the candidates concurrently (as many at once as the task runner has workers); meanwhile evaluate the
     # sources, then each candidate as soon as it is merged: one at a time, lm-eval's accelerate state is per process
-    merges = merge_candidate_task.map(candidates, unmapped(headers), unmapped(sources), unmapped(device), unmapped(force))
+    merges = merge_candidate_task.map(candidates, unmapped(headers), unmapped(sources), unmapped(report), unmapped(device), unmapped(force))
     references = {s.key: evaluate_model_task(s.path, evaluation, s.key, eval_cache_dir) for s in sources if s.path}
     shards, evaluations = [], []
     for candidate, merged in zip(candidates, merges, strict=False):

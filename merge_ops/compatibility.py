@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from merge_ops.architecture import split_layer_name
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.headers import ModelHeaders, TensorHeader
-from merge_ops.recipe import Recipe
+from merge_ops.recipe import Recipe, Slice, SliceSource
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
@@ -165,13 +165,28 @@ def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     return found + _shape_findings(other.key, ref.key, pairs, _vocab_difference(ref, other))
 
 
+def _slice_reference(sl: Slice, reference: str) -> SliceSource:
+    """The source a slice's others are compared with: the recipe's reference model when it is in the slice."""
+    keys = [s.model.key for s in sl.sources]
+    return sl.sources[keys.index(reference)] if reference in keys else sl.sources[0]
+
+
 def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference: str) -> list[Finding]:
-    """Slice recipes: each source's layers must match the slice reference's layer for layer."""
+    """Slice recipes: each source's layers must match the slice reference's layer for layer; the sources of the
+    first and last slices (where the embeddings, final norm and lm_head come from) must have its other tensors."""
     found: list[Finding] = []
     layers = {key: _layers(h) for key, h in headers.items()}
-    for number, sl in enumerate(recipe.slices or []):
-        keys = [s.model.key for s in sl.sources]
-        ref_source = sl.sources[keys.index(reference)] if reference in keys else sl.sources[0]
+    slices = recipe.slices or []
+    for number in sorted({0, len(slices) - 1}):
+        ref_source = _slice_reference(slices[number], reference)
+        wanted = [n for n in headers[ref_source.model.key].tensors if split_layer_name(n) is None]
+        for source in slices[number].sources:
+            missing = [n for n in wanted if n not in headers[source.model.key].tensors]
+            if missing:
+                found.append(Finding(severity="problem", model=source.model.key, check="tensor_names",
+                                     message=f"slices[{number}]: lacks {len(missing)} tensor(s) of {ref_source.model.key}: {_names(missing)}"))
+    for number, sl in enumerate(slices):
+        ref_source = _slice_reference(sl, reference)
         for source in sl.sources:
             start, end = source.layer_range
             count = len(layers[source.model.key])

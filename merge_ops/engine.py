@@ -80,9 +80,10 @@ def split_into_pieces(plan: MergePlan, index: int) -> list[Piece]:
 def peak_memory_estimate(plan: MergePlan) -> int:
     """Bytes the engine holds at its worst point, above the interpreter.
 
-    The inputs of ``READ_AHEAD + 1`` consecutive pieces (the current one and those read ahead: in the compute
-    dtype when the reader converts them, as stored otherwise), ``WRITE_BEHIND + 1`` results in the output dtype,
-    and two working copies of the largest piece in the compute dtype for the arithmetic.
+    Over every ``READ_AHEAD + 1`` consecutive pieces (the current one and those read ahead): the mapped input
+    tensors they read (a tensor stays mapped, its pages resident once touched, while it is merged) and, for methods
+    that do not convert their inputs themselves, the reader's copies in the compute dtype. Then ``WRITE_BEHIND + 1``
+    results waiting for the writer and two working copies of the largest piece in the compute dtype.
     """
     pieces = [p for i in range(len(plan.shards)) for p in split_into_pieces(plan, i)]
     if not pieces:
@@ -90,12 +91,12 @@ def peak_memory_estimate(plan: MergePlan) -> int:
     upcasts = get_method(plan.method).upcasts
     compute = tensor_nbytes(DTYPE_NAMES[torch_dtype(plan.compute_dtype)], (1,))
 
-    def held(piece: Piece) -> int:
-        sources = [*piece.job.inputs, *([piece.job.base] if piece.job.base else [])]
-        return sum(piece.numel * (tensor_nbytes(s.dtype, (1,)) if upcasts else compute) for s in sources)
+    def held(window: list[Piece]) -> int:
+        mapped = sum({id(p.job): p.job.input_nbytes for p in window}.values())
+        copies = 0 if upcasts else sum(p.numel * compute * (len(p.job.inputs) + (p.job.base is not None)) for p in window)
+        return mapped + copies
 
-    inputs = [held(p) for p in pieces]
-    read = max(sum(inputs[i : i + READ_AHEAD + 1]) for i in range(len(inputs)))
+    read = max(held(pieces[i : i + READ_AHEAD + 1]) for i in range(len(pieces)))
     return read + (WRITE_BEHIND + 1) * max(p.nbytes for p in pieces) + 2 * compute * max(p.numel for p in pieces)
 
 

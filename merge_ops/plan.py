@@ -16,7 +16,8 @@ import torch
 from pydantic import BaseModel
 
 from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_name
-from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, RecipeError
+from merge_ops.compatibility import CompatibilityReport, compatibility_report
+from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
 from merge_ops.methods.declaration import REQUIRED, MergeMethod
 from merge_ops.methods.registry import get_method
@@ -147,25 +148,15 @@ class _Planner:
     def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]) -> None:
         self.recipe, self.method, self.models = recipe, method, models
         self.problems: list[str] = []
-        self.mismatches: list[str] = []
         out = recipe.out_dtype or recipe.dtype
         self.out_dtype = DTYPE_NAMES[getattr(torch, out)] if out else None
 
     def job(self, name: str, members: list[tuple[ModelRef, str, Parameters]], slice_params: Parameters, t: float) -> TensorJob | None:
         base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.base != "none" else None
         found: list[tuple[ModelRef, TensorSource, Parameters]] = []
-        shapes = {}
-        for ref, source_name, params in members:
-            info = self.models[ref.key].tensors.get(source_name)
-            if info is None:
-                self.mismatches.append(f"{ref.key} has no tensor {source_name!r} (needed for {name})")
-                continue
-            shapes[ref.key] = info.shape
-            found.append((ref, TensorSource(model=ref.key, file=str(self.models[ref.key].file(source_name)), name=source_name, dtype=info.dtype), params))
-        if len(set(shapes.values())) > 1:
-            self.mismatches.append(f"{name}: shapes differ: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items()))
-        if len(found) != len(members) or len(set(shapes.values())) > 1:
-            return None
+        for ref, source_name, params in members:  # names and shapes agree: compatibility_report checked them
+            model = self.models[ref.key]
+            found.append((ref, TensorSource(model=ref.key, file=str(model.file(source_name)), name=source_name, dtype=model.tensors[source_name].dtype), params))
         base = next((src for ref, src, _ in found if ref.key == base_key), None)
         if self.method.base == "required" and base is None:
             self.problems.append(f"{name}: {self.method.name} needs the base model {base_key} among the inputs of every slice")
@@ -190,7 +181,7 @@ class _Planner:
         return TensorJob(
             name=name,
             dtype=self.out_dtype or found[0][1].dtype,
-            shape=next(iter(shapes.values())),
+            shape=self.models[found[0][0].key].tensors[found[0][1].name].shape,
             inputs=[src for src, _ in others],
             base=base,
             params=resolved,
@@ -228,8 +219,6 @@ class _Planner:
         jobs += outside_layers(slices[-1], pre=False)
         if self.problems:
             raise RecipeError(self.problems)
-        if self.mismatches:
-            raise IncompatibleModelsError(self.mismatches)
         return [j for j in jobs if j is not None], origins
 
 
@@ -275,6 +264,7 @@ def plan_merge(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     compute_dtype: str = "float32",
+    checked: CompatibilityReport | None = None,
 ) -> MergePlan:
     """Plan a merge from the models' headers: resolve every tensor's inputs and parameters.
 
@@ -285,15 +275,18 @@ def plan_merge(
         shard_size: maximum bytes per output shard.
         compute_dtype: dtype of the arithmetic: float32 (default), bfloat16, float16, or
             ``mergekit`` for the dtype mergekit uses for this method (bit-compatible outputs).
+        checked: the ``compatibility_report`` of these models, when the caller made it (the pipeline does, before
+            downloading); None makes it here. The plan trusts it: names and shapes are not checked twice.
 
     Raises:
-        RecipeError, ModelNotFoundError, IncompatibleModelsError.
+        RecipeError, ModelNotFoundError, IncompatibleModelsError (every problem of the compatibility report).
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise RecipeError([f"compute dtype {compute_dtype!r} -> use one of {', '.join(COMPUTE_DTYPES)}"])
     method = get_method(recipe.merge_method)
     given = read_models(recipe) if models is None else models
     models = {ref.key: given[ref.key] for ref in recipe.referenced_models}
+    (checked or compatibility_report(recipe, models)).raise_for_problems()
     slices = _slices(recipe, method, models)
     jobs, origins = _Planner(recipe, method, models).jobs(slices)
     config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key

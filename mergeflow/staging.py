@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from merge_ops.compatibility import CompatibilityReport
 from merge_ops.engine import finalize
 from merge_ops.engine import merge_shard as merge_plan_shard
 from merge_ops.errors import OutputExistsError
@@ -108,10 +109,11 @@ def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False) -> Stagi
 
 
 def plan_into_staging(
-    recipe: Recipe, models: Mapping[str, ModelHeaders], out: Path, *, shard_size: int, compute_dtype: str, force: bool = False
+    recipe: Recipe, models: Mapping[str, ModelHeaders], out: Path, *, shard_size: int, compute_dtype: str, checked: CompatibilityReport,
+    force: bool = False,
 ) -> Staging:
-    """Plan the merge of ``recipe`` over the models' headers (weights local) and prepare its staging folder."""
-    plan = plan_merge(recipe, models, shard_size=shard_size, compute_dtype=compute_dtype)
+    """Plan the merge of ``recipe`` over the models' headers (weights local, compatibility ``checked``) and prepare its staging folder."""
+    plan = plan_merge(recipe, models, shard_size=shard_size, compute_dtype=compute_dtype, checked=checked)
     return prepare_staging(plan, out, force=force)
 
 

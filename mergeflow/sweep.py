@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel
 
+from merge_ops.compatibility import CompatibilityReport
 from merge_ops.engine import merge_model
 from merge_ops.errors import OutputExistsError
 from merge_ops.headers import ModelHeaders
@@ -88,9 +89,11 @@ def write_candidates(recipe: Recipe, grid: Grid, out: Path, *, force: bool = Fal
     return written
 
 
-def merge_candidate(candidate: SweepCandidate, models: dict[str, ModelHeaders], *, device: str = "cpu", force: bool = False) -> dict[str, str]:
-    """Merge the candidate's recipe over the downloaded models (their headers) into its folder; returns shard file -> sha256."""
-    plan = plan_merge(load_recipe(candidate.recipe), models)
+def merge_candidate(
+    candidate: SweepCandidate, models: dict[str, ModelHeaders], *, checked: CompatibilityReport, device: str = "cpu", force: bool = False
+) -> dict[str, str]:
+    """Merge the candidate's recipe over the downloaded, ``checked`` models into its folder; returns shard file -> sha256."""
+    plan = plan_merge(load_recipe(candidate.recipe), models, checked=checked)
     return merge_model(plan, candidate.out, device=device, force=force)
 
 

@@ -12,6 +12,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 
+from merge_ops.compatibility import CompatibilityReport
 from merge_ops.headers import ModelHeaders
 from merge_ops.recipe import Recipe
 from mergeflow import settings
@@ -22,10 +23,12 @@ from tasks.retries import LOCAL
 
 @task(name="plan_merge", **LOCAL)
 def plan_shards(
-    recipe: Recipe, headers: list[ModelHeaders], sources: list[Source], out: Path, shard_size: int, compute_dtype: str, force: bool = False
+    recipe: Recipe, headers: list[ModelHeaders], sources: list[Source], report: CompatibilityReport, out: Path, shard_size: int,
+    compute_dtype: str, force: bool = False,
 ) -> Staging:
-    """Plan the merge from the headers (weights downloaded) and prepare the staging folder; says which shards a resumed run can skip."""
-    staging = plan_into_staging(recipe, local_headers(headers, sources), out, shard_size=shard_size, compute_dtype=compute_dtype, force=force)
+    """Plan the merge from the checked headers (weights downloaded) and prepare the staging folder; says which shards a resumed run can skip."""
+    staging = plan_into_staging(recipe, local_headers(headers, sources), out, shard_size=shard_size, compute_dtype=compute_dtype,
+                                checked=report, force=force)
     get_run_logger().info(
         "plan %s: %d shard(s), %d tensors, %.2f GB to write, staging in %s%s", staging.plan_sha256[:12], len(staging.shard_files),
         staging.tensor_count, staging.total_size / 1e9, staging.dir, f"; resuming, {len(staging.done_before)} shard(s) already done" if staging.done_before else "",

@@ -8,6 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
+from merge_ops.compatibility import CompatibilityReport
 from merge_ops.headers import ModelHeaders
 from merge_ops.recipe import Recipe
 from merge_ops.sweep_grid import Grid
@@ -39,11 +40,12 @@ def write_candidates_task(recipe: Recipe, grid: Grid, out: Path, force: bool = F
 
 @task(name="merge_candidate", task_run_name="merge-{candidate.name}", **LOCAL)
 def merge_candidate_task(
-    candidate: SweepCandidate, headers: list[ModelHeaders], sources: list[Source], device: str = "cpu", force: bool = False
+    candidate: SweepCandidate, headers: list[ModelHeaders], sources: list[Source], report: CompatibilityReport, device: str = "cpu",
+    force: bool = False,
 ) -> dict[str, str]:
-    """Merge one candidate into its own folder with the engine."""
+    """Merge one candidate into its own folder with the engine (the models were checked once for every candidate)."""
     torch.set_num_threads(settings.TORCH_THREADS)
-    shards = merge_candidate(candidate, local_headers(headers, sources), device=device, force=force)
+    shards = merge_candidate(candidate, local_headers(headers, sources), checked=report, device=device, force=force)
     get_run_logger().info("%s merged into %s", candidate.name, candidate.out)
     return shards
 

@@ -219,8 +219,9 @@ def test_missing_model_and_incompatible_shapes_are_clear_errors(family: dict[str
     recipe["models"][1]["model"] = str(other)
     with pytest.raises(IncompatibleModelsError) as err:
         plan_merge(parse_recipe(recipe))
-    assert "mlp.up_proj.weight: shapes differ" in str(err.value)
-    assert len(err.value.mismatches) == 3 * CONFIG["num_hidden_layers"]  # up, gate, down in every layer
+    assert f"{other}: intermediate_size is 48" in str(err.value)  # the config key that explains the shapes, first
+    shapes = next(m for m in err.value.mismatches if "other shapes" in m)  # then every tensor it changes: up, gate, down per layer
+    assert f"{3 * CONFIG['num_hidden_layers']} tensor(s) have other shapes" in shapes and "mlp.up_proj.weight [48, 16] vs [32, 16]" in shapes
 
 
 def test_filters_without_fallback_are_reported(family: dict[str, Path]) -> None:
