@@ -3,7 +3,7 @@
 A subflow of the merge pipeline, or a flow on its own for a folder merged elsewhere:
 
     >>> evaluate_track_publish(
-    ...     merged_dir=summary.out, recipe=recipe, sources=summary.sources,
+    ...     merged_dir=summary.out, recipe=summary.recipe, sources=summary.sources,
     ...     stats=MergeStats.from_summary(summary), compatibility=report,
     ...     publish=PublishTarget(repo_id="me/skills-ties"),
     ... )

@@ -262,7 +262,7 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
         headers: ref key -> ``ModelHeaders`` for every model the recipe references.
 
     Example:
-        >>> report = compatibility_report(recipe, {k: read_headers(s) for k, s in sources.items()})
+        >>> report = compatibility_report(recipe, {ref.key: read_local_headers(ref.key, Path(ref.path)) for ref in recipe.referenced_models})
         >>> report.raise_for_problems()
     """
     reference = recipe.base_model.key if recipe.base_model else recipe.referenced_models[0].key

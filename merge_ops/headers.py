@@ -102,7 +102,8 @@ def read_local_headers(key: str, folder: Path) -> ModelHeaders:
     files = []
     for path in weight_files(folder):
         with safe_open(path, framework="pt") as handle:
-            entries = {name: (handle.get_slice(name).get_dtype(), tuple(handle.get_slice(name).get_shape())) for name in handle.keys()}
+            slices = {name: handle.get_slice(name) for name in handle.keys()}
+            entries = {name: (part.get_dtype(), tuple(part.get_shape())) for name, part in slices.items()}
         files.append((path.relative_to(folder).as_posix(), entries))
     if not files:
         raise ModelNotFoundError(key, f"{folder} has no .safetensors weights (convert .bin checkpoints to safetensors first)")
