@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from merge_ops.errors import DeviceError, OutputExistsError
+from merge_ops.lora import apply_lora
 from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.methods.registry import get_method
 from merge_ops.model_folder import write_model_files
@@ -112,8 +113,9 @@ class InputReader:
 
     def __call__(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         job = piece.job
-        sources = [(Path(s.file), s.name) for s in (*job.inputs, *([job.base] if job.base else []))]
-        tensors = [self._prepare(t) for t in self.blocks.read(sources, piece.rows)]
+        sources = [*job.inputs, *([job.base] if job.base else [])]
+        tensors = self.blocks.read([(Path(s.file), s.name) for s in sources], piece.rows)
+        tensors = [self._prepare(apply_lora(t, s.lora, piece.rows) if s.lora else t) for t, s in zip(tensors, sources, strict=True)]
         return (tensors[:-1], tensors[-1]) if job.base else (tensors, None)
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -18,15 +18,18 @@ from safetensors import safe_open
 
 from merge_ops.architecture import layer_count_key, split_layer_name
 from merge_ops.errors import ModelNotFoundError
+from merge_ops.lora import LoraTerm, read_adapter
 from merge_ops.safetensors_io import tensor_nbytes, weight_files
 
 
 class TensorHeader(BaseModel):
-    """One tensor's safetensors header entry, and the file that holds it (relative to the model folder)."""
+    """One tensor's safetensors header entry, and the file that holds it (relative to the model folder; absolute
+    for a tensor an adapter replaces, stored there under ``stored_as``)."""
 
     file: str
     dtype: str
     shape: tuple[int, ...]
+    stored_as: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -41,6 +44,8 @@ class ModelHeaders(BaseModel):
     tensors: dict[str, TensorHeader]
     card_base_model: list[str] = []
     path: Path | None = None
+    lora: dict[str, LoraTerm] = {}
+    """Tensor -> the LoRA term an adapter adds to it (``BASE+ADAPTER`` models)."""
 
     @cached_property
     def layers(self) -> dict[int, dict[str, str]]:
@@ -90,11 +95,12 @@ def card_base_model(readme: Path | None) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
-def read_local_headers(key: str, folder: Path) -> ModelHeaders:
-    """config.json, card base_model and tensor headers of a local model folder (no weights read).
+def read_local_headers(key: str, folder: Path, adapter: Path | None = None) -> ModelHeaders:
+    """config.json, card base_model and tensor headers of a local model folder (no weights read), with the PEFT LoRA
+    ``adapter`` folder's patch when given (its terms in ``lora``, the tensors it replaces pointing at it).
 
     Raises:
-        ModelNotFoundError: no config.json or no safetensors weights.
+        ModelNotFoundError: no config.json or no safetensors weights; an adapter that does not fit.
     """
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
@@ -107,7 +113,13 @@ def read_local_headers(key: str, folder: Path) -> ModelHeaders:
         files.append((path.relative_to(folder).as_posix(), entries))
     if not files:
         raise ModelNotFoundError(key, f"{folder} has no .safetensors weights (convert .bin checkpoints to safetensors first)")
-    return ModelHeaders(
+    headers = ModelHeaders(
         key=key, config=json.loads((folder / "config.json").read_text()), tensors=ordered_tensors(files),
         card_base_model=card_base_model(folder / "README.md"), path=folder,
     )
+    if adapter is None:
+        return headers
+    patch = read_adapter(key, adapter, {name: t.shape for name, t in headers.tensors.items()})
+    replaced = {name: TensorHeader(file=file, dtype=dtype, shape=headers.tensors[name].shape, stored_as=stored)
+                for name, (dtype, file, stored) in patch.replaced.items()}
+    return headers.model_copy(update={"tensors": {**headers.tensors, **replaced}, "lora": patch.terms})

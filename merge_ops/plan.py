@@ -19,6 +19,7 @@ from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
+from merge_ops.lora import LoraTerm
 from merge_ops.methods.declaration import REQUIRED, MergeMethod
 from merge_ops.methods.registry import get_method
 from merge_ops.parameters import NOT_SET, layer_position, lookup
@@ -43,6 +44,8 @@ class TensorSource(BaseModel):
     file: str
     name: str
     dtype: str
+    lora: LoraTerm | None = None
+    """The LoRA term to add when the model is ``BASE+ADAPTER``."""
 
 
 class TensorJob(BaseModel):
@@ -122,15 +125,14 @@ def read_models(recipe: Recipe) -> dict[str, ModelHeaders]:
     Raises:
         ModelNotFoundError: a reference is not a local model folder.
     """
-    models = {}
-    for ref in recipe.referenced_models:
-        folder = next((c for c in (Path(ref.path), recipe.base_dir / ref.path) if c.is_dir()), None)
+    def local(path: str) -> Path:
+        folder = next((c for c in (Path(path), recipe.base_dir / path) if c.is_dir()), None)
         if folder is None:
-            raise ModelNotFoundError(
-                ref.key, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path"
-            )
-        models[ref.key] = read_local_headers(ref.key, folder)
-    return models
+            raise ModelNotFoundError(path, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path")
+        return folder
+
+    adapters = {ref.key: local(ref.adapter_ref.path) for ref in recipe.referenced_models if ref.adapter_ref}
+    return {ref.key: read_local_headers(ref.key, local(ref.path), adapters.get(ref.key)) for ref in recipe.referenced_models}
 
 
 def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]) -> list[_Slice]:
@@ -155,8 +157,10 @@ class _Planner:
         base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.base != "none" else None
         found: list[tuple[ModelRef, TensorSource, Parameters]] = []
         for ref, source_name, params in members:  # names and shapes agree: compatibility_report checked them
-            model = self.models[ref.key]
-            found.append((ref, TensorSource(model=ref.key, file=str(model.file(source_name)), name=source_name, dtype=model.tensors[source_name].dtype), params))
+            model, header = self.models[ref.key], self.models[ref.key].tensors[source_name]
+            source = TensorSource(model=ref.key, file=str(model.file(source_name)), name=header.stored_as or source_name, dtype=header.dtype,
+                                  lora=model.lora.get(source_name))
+            found.append((ref, source, params))
         base = next((src for ref, src, _ in found if ref.key == base_key), None)
         if self.method.base == "required" and base is None:
             self.problems.append(f"{name}: {self.method.name} needs the base model {base_key} among the inputs of every slice")
@@ -181,7 +185,7 @@ class _Planner:
         return TensorJob(
             name=name,
             dtype=self.out_dtype or found[0][1].dtype,
-            shape=self.models[found[0][0].key].tensors[found[0][1].name].shape,
+            shape=self.models[members[0][0].key].tensors[members[0][1]].shape,
             inputs=[src for src, _ in others],
             base=base,
             params=resolved,

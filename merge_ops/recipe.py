@@ -28,25 +28,34 @@ ParamValue = Scalar | list[FilterEntry] | list[Scalar]
 Parameters = dict[str, ParamValue]
 
 
+def _split_reference(text: str) -> dict[str, Any]:
+    """``org/base@rev+org/adapter@rev`` -> path, revision and adapter."""
+    base, _, adapter = text.partition("+")
+    path, _, revision = base.partition("@")
+    return {"path": path, "revision": revision or None, "adapter": adapter or None}
+
+
 class ModelRef(BaseModel):
-    """A model: a local directory or a Hub id, with an optional revision (``org/repo@rev``)."""
+    """A model: a local directory or a Hub id, with an optional revision (``org/repo@rev``), optionally with a
+    PEFT LoRA adapter applied to it (mergekit's ``BASE+ADAPTER``, or ``{model: BASE, lora: ADAPTER}``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     path: str
     revision: str | None = None
+    adapter: str | None = None
+    """The adapter as written (``path`` or ``path@revision``), when the model is ``BASE+ADAPTER``."""
 
     @model_validator(mode="before")
     @classmethod
     def _parse(cls, value: Any) -> Any:
         if isinstance(value, str):
-            if "+" in value:
-                raise ValueError(f"{value!r}: LoRA references (model+lora) are not supported; merge the LoRA into its model first")
-            path, _, revision = value.partition("@")
-            return {"path": path, "revision": revision or None}
-        if isinstance(value, dict) and "model" in value:
-            if value.get("lora"):
-                raise ValueError("LoRA references are not supported; merge the LoRA into its model first")
-            return value["model"]
+            return _split_reference(value)
+        if isinstance(value, dict) and "model" in value:  # mergekit's {model: BASE, lora: ADAPTER}, each text or {path, revision}
+            base, lora = value["model"], value.get("lora")
+            if isinstance(lora, dict):
+                lora = f"{lora['path']}@{lora['revision']}" if lora.get("revision") else lora.get("path")
+            parsed = _split_reference(base) if isinstance(base, str) else dict(base)
+            return {**parsed, **({"adapter": lora} if lora else {})}
         return value
 
     @model_serializer
@@ -55,8 +64,14 @@ class ModelRef(BaseModel):
 
     @property
     def key(self) -> str:
-        """The reference as written in recipes: ``path`` or ``path@revision``."""
-        return f"{self.path}@{self.revision}" if self.revision else self.path
+        """The reference as written in recipes: ``path``, ``path@revision``, with ``+adapter`` when adapted."""
+        base = f"{self.path}@{self.revision}" if self.revision else self.path
+        return f"{base}+{self.adapter}" if self.adapter else base
+
+    @property
+    def adapter_ref(self) -> ModelRef | None:
+        """The adapter as a reference of its own (``path@revision``), when there is one."""
+        return ModelRef.model_validate(self.adapter) if self.adapter else None
 
     def __str__(self) -> str:
         return self.key

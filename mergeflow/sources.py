@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
 from pydantic import BaseModel
 
-from merge_ops.errors import ModelNotFoundError
+from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers
 from merge_ops.recipe import ModelRef
 from mergeflow import settings
@@ -79,6 +79,9 @@ def resolve_source(ref: ModelRef, *, base_dir: Path, endpoint: str | None = None
         >>> resolve_source(ModelRef.model_validate("org/model@main"), base_dir=Path("."))
         Source(key='org/model@main', repo_id='org/model', revision='main', commit_sha='3f1c...', path=None)
     """
+    if ref.adapter:
+        raise RecipeError([f"{ref.key}: LoRA adapters (BASE+ADAPTER) are applied by `mergeflow merge` and `mergeflow plan` for now; "
+                           "the pipeline (`mergeflow run`, `check`, `sweep`, the DVC stages) does not fetch adapters yet"])
     folder = _local_folder(ref, base_dir)
     if folder is not None:
         return Source(key=ref.key, path=folder)

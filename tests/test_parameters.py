@@ -302,9 +302,10 @@ def test_neither_models_nor_slices() -> None:
 @pytest.mark.parametrize(
     "model", ["org/a+org/lora", {"model": {"path": "org/a"}, "lora": {"path": "org/lora"}}], ids=["plus", "dict"]
 )
-def test_lora_reference_is_refused(model: object) -> None:
-    [problem] = problems_of(ties_recipe(models=[{"model": model, "parameters": {"weight": 1.0}}]))
-    assert problem.startswith("models[0].model:") and "LoRA" in problem and "merge the LoRA" in problem
+def test_lora_references_parse_in_both_spellings(model: object) -> None:
+    recipe = parse_recipe(ties_recipe(models=[{"model": model, "parameters": {"weight": 1.0}}]))
+    ref = recipe.models[0].model  # type: ignore[index]
+    assert (ref.key, ref.path, ref.adapter) == ("org/a+org/lora", "org/a", "org/lora")
 
 
 def test_not_a_mapping() -> None:

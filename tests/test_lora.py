@@ -1,0 +1,127 @@
+"""PEFT LoRA adapters as merge sources (``BASE+ADAPTER``): equal to PEFT's merge_and_unload followed by the same merge."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_family import CONFIG
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from merge_ops.engine import merge_model
+from merge_ops.errors import ModelNotFoundError
+from merge_ops.plan import plan_merge
+from merge_ops.recipe_file import parse_recipe
+
+peft = pytest.importorskip("peft")
+
+ADAPTERS = {
+    "lora": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
+    "patterns": dict(target_modules=["q_proj", "gate_proj", "down_proj"], rank_pattern={"down_proj": 2}, alpha_pattern={"q_proj": 32}),
+    "rslora": dict(target_modules=["k_proj", "up_proj"], use_rslora=True),
+    "embedding_and_saved_head": dict(target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]),
+}
+
+
+def make_adapter(base: Path, out: Path, seed: int, **options: object) -> Path:
+    """A PEFT LoRA adapter of ``base`` with every LoRA factor random (PEFT starts B at zero, which adds nothing)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **options))
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    tuned.save_pretrained(out)
+    return out
+
+
+def merged_by_peft(base: Path, adapter: Path, out: Path) -> Path:
+    model = peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """name -> (adapter folder, the same adapter merged into the base by PEFT)."""
+    root = tmp_path_factory.mktemp("adapters")
+    made = {}
+    for seed, (name, options) in enumerate(ADAPTERS.items()):
+        adapter = make_adapter(family["base"], root / name, seed, **options)
+        made[name] = (adapter, merged_by_peft(family["base"], adapter, root / f"{name}-merged"))
+    return made
+
+
+def merged_tensors(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
+    merge_model(plan_merge(parse_recipe(recipe)), out)
+    return load_file(out / "model.safetensors")
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_an_adapter_alone_is_the_base_with_its_update(name: str, family: dict[str, Path], adapters, tmp_path: Path) -> None:
+    adapter, reference = adapters[name]
+    recipe = {"merge_method": "linear", "models": [{"model": f"{family['base']}+{adapter}", "parameters": {"weight": 1.0}}], "dtype": "float32"}
+    got = merged_tensors(recipe, tmp_path / "out")
+    want = load_file(reference / "model.safetensors")
+    assert_close(got, {n: t for n, t in want.items() if n in got})
+    changed = [n for n in got if not torch.equal(got[n], load_file(family["base"] / "model.safetensors")[n])]
+    assert changed, "the adapter must change the weights it targets"
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp", "dare_linear"])
+def test_adapter_sources_merge_like_peft_merged_models(method: str, family: dict[str, Path], adapters, tmp_path: Path) -> None:
+    (lora, lora_ref), (patterns, patterns_ref) = adapters["lora"], adapters["patterns"]
+    base = str(family["base"])
+    params = {"t": 0.5} if method == "slerp" else {}
+
+    def recipe(first: str, second: str) -> dict:
+        models = [first] if method == "slerp" else [first, second]
+        weights = {} if method == "slerp" else {"weight": 0.6, "density": 0.7} if method != "task_arithmetic" else {"weight": 0.6}
+        return {"merge_method": method, "base_model": base, "models": [{"model": m, "parameters": weights} for m in models],
+                "parameters": params, "dtype": "float32", "seed": 1}
+
+    got = merged_tensors(recipe(f"{base}+{lora}", f"{base}+{patterns}"), tmp_path / "adapters")
+    want = merged_tensors(recipe(str(lora_ref), str(patterns_ref)), tmp_path / "peft")
+    assert_close(got, want)
+
+
+def test_the_mergekit_dict_spelling_and_the_key(family: dict[str, Path], adapters) -> None:
+    adapter = adapters["lora"][0]
+    written = parse_recipe({"merge_method": "linear", "models": [{"model": {"model": str(family["base"]), "lora": str(adapter)}, "parameters": {"weight": 1.0}}]})
+    ref = written.referenced_models[0]
+    assert ref.key == f"{family['base']}+{adapter}" and ref.adapter_ref is not None and ref.adapter_ref.path == str(adapter)
+
+
+def test_unsupported_adapters_are_named(family: dict[str, Path], adapters, tmp_path: Path) -> None:
+    adapter = adapters["lora"][0]
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    (dora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    (dora / "adapter_config.json").write_text(json.dumps({**json.loads((adapter / "adapter_config.json").read_text()), "use_dora": True}))
+    recipe = {"merge_method": "linear", "models": [{"model": f"{family['base']}+{dora}", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(ModelNotFoundError, match="DoRA"):
+        plan_merge(parse_recipe(recipe))
+    other = LlamaForCausalLM(LlamaConfig(**dict(CONFIG, hidden_size=32)))
+    wide = tmp_path / "wide-adapter"
+    peft.get_peft_model(other, peft.LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(wide)
+    recipe["models"][0]["model"] = f"{family['base']}+{wide}"
+    with pytest.raises(ModelNotFoundError, match="does not fit its base"):
+        plan_merge(parse_recipe(recipe))
+
+
+def test_the_pipeline_says_it_does_not_fetch_adapters_yet(family: dict[str, Path], adapters, tmp_path: Path) -> None:
+    from merge_ops.errors import RecipeError
+    from merge_ops.recipe import ModelRef
+    from mergeflow.sources import resolve_source
+
+    with pytest.raises(RecipeError, match="does not fetch adapters yet"):
+        resolve_source(ModelRef.model_validate(f"{family['base']}+{adapters['lora'][0]}"), base_dir=tmp_path)
