@@ -125,3 +125,24 @@ def test_the_pipeline_says_it_does_not_fetch_adapters_yet(family: dict[str, Path
 
     with pytest.raises(RecipeError, match="does not fetch adapters yet"):
         resolve_source(ModelRef.model_validate(f"{family['base']}+{adapters['lora'][0]}"), base_dir=tmp_path)
+
+
+def test_fan_in_fan_out_adapters_of_conv1d_models(tmp_path: Path) -> None:
+    """GPT-2 stores its projections as Conv1D ([in, out]): PEFT's fan_in_fan_out transposes the update."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)).save_pretrained(base)
+    torch.manual_seed(1)
+    tuned = peft.get_peft_model(GPT2LMHeadModel.from_pretrained(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    tuned.save_pretrained(tmp_path / "adapter")
+    peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), tmp_path / "adapter").merge_and_unload().save_pretrained(tmp_path / "reference")
+    recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}], "dtype": "float32"}
+    got = merged_tensors(recipe, tmp_path / "out")
+    assert_close(got, {n: t for n, t in load_file(tmp_path / "reference" / "model.safetensors").items() if n in got})
+    assert not torch.equal(got["transformer.h.0.attn.c_attn.weight"], load_file(base / "model.safetensors")["transformer.h.0.attn.c_attn.weight"])
