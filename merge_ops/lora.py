@@ -114,8 +114,8 @@ def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]
 def apply_lora(weight: torch.Tensor, term: LoraTerm, rows: tuple[int, int] | None) -> torch.Tensor:
     """``weight`` (all rows, or rows ``[start, end)`` of the base tensor) plus the adapter's term, in float32,
     rounded to ``weight``'s dtype."""
-    a = load_tensor(Path(term.file), term.a).float()
-    b = load_tensor(Path(term.file), term.b).float()
+    a = load_tensor(Path(term.file), term.a)
+    b = load_tensor(Path(term.file), term.b)
     start, end = rows or (0, weight.shape[0])
-    delta = (b @ a[:, start:end]).T if term.transpose else b[start:end] @ a
+    delta = (b.float() @ a[:, start:end].float()).T if term.transpose else b[start:end].float() @ a.float()
     return (weight.float() + delta * term.scale).to(weight.dtype)
