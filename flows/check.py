@@ -22,7 +22,7 @@ def check_models(recipe: Path, endpoint: str | None = None, cache_dir: Path | No
     """The compatibility report of the recipe's models; with every model local, their weight-space distances too."""
     # Load the recipe; pin every model without downloading
     parsed = load_recipe(recipe)
-    sources = resolve_model.map(parsed.referenced_models, unmapped(parsed.base_dir), unmapped(endpoint)).result()
+    sources = resolve_model.map(parsed.referenced_models, unmapped(parsed.base_dir), unmapped(endpoint), unmapped(parsed.base_model)).result()
 
     # Compare the headers; the weights of local models are compared with the base's too
     headers = read_model_headers.map(sources, unmapped(endpoint), unmapped(cache_dir)).result()

@@ -39,7 +39,7 @@ def prepare_sources(
 ) -> PreparedSources:
     """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local."""
     # Pin every model to a commit (Hub) or a folder (local), downloading nothing
-    resolved = resolve_model.map(recipe.referenced_models, unmapped(recipe.base_dir), unmapped(endpoint)).result()
+    resolved = resolve_model.map(recipe.referenced_models, unmapped(recipe.base_dir), unmapped(endpoint), unmapped(recipe.base_model)).result()
 
     # Check compatibility from configs and safetensors headers, before any weight is downloaded
     headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()

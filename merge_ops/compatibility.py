@@ -3,12 +3,14 @@
 Checked against the reference model (the recipe's base, else its first model): architecture and
 model_type, the config keys that fix tensor shapes, vocabulary size (and which tensors it explains),
 tensor names and shapes (per layer for slice recipes, so passthrough frankenmerges of different depths
-pass), dtypes, and the base model each fine-tune declares in its card. ``merge_ops.weight_space`` adds the
+pass), dtypes, the base model each fine-tune declares in its card, and for LoRA adapters the base they were trained
+on, their modules against the base's tensors, rank and alpha. ``merge_ops.weight_space`` adds the
 weight-space check once the weights are local. Problems stop the flow; warnings and notes are reported.
 """
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel
@@ -16,7 +18,7 @@ from pydantic import BaseModel
 from merge_ops.architecture import split_layer_name
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.headers import ModelHeaders, TensorHeader
-from merge_ops.recipe import Recipe, Slice, SliceSource
+from merge_ops.recipe import ModelRef, Recipe, Slice, SliceSource, adapter_base
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
@@ -45,6 +47,8 @@ class ModelSummary(BaseModel):
     tensors: int
     dtypes: dict[str, int]
     declared_base: list[str]
+    adapter: str | None = None
+    """The LoRA adapter applied to the model: its reference, rank, alpha, scale and modules."""
 
 
 class BaseDistance(BaseModel):
@@ -85,6 +89,9 @@ class CompatibilityReport(BaseModel):
         for m in self.models:
             dtypes = ", ".join(f"{d} x{n}" for d, n in m.dtypes.items())
             lines.append(f"| `{m.key}` | {m.architecture} | {m.model_type} | {m.layers} | {m.vocab_size} | {m.tensors} | {dtypes} | {', '.join(m.declared_base) or '-'} |")
+        adapted = [m for m in self.models if m.adapter]
+        if adapted:
+            lines += ["", "## LoRA adapters", "", "| model | adapter |", "|---|---|"] + [f"| `{m.key}` | {m.adapter} |" for m in adapted]
         if self.weight_space:
             lines += ["", "## Weight space (sampled tensors vs the base)", "",
                       "| model | tensors | cosine | relative distance | fine-tuned from the base |", "|---|---|---|---|---|"]
@@ -116,6 +123,7 @@ def summarize(h: ModelHeaders) -> ModelSummary:
         tensors=len(h.tensors),
         dtypes=dict(Counter(t.dtype for t in h.tensors.values())),
         declared_base=declared_bases(h),
+        adapter=f"{h.adapter.key}: {h.adapter.describe()}" if h.adapter else None,
     )
 
 
@@ -227,7 +235,10 @@ def _is_hub_id(name: str) -> bool:
 
 
 def declared_bases(h: ModelHeaders) -> list[str]:
-    """The base a model says it came from: its card's ``base_model``, else its config's ``_name_or_path``."""
+    """The base a model says it came from: its card's ``base_model``, else its config's ``_name_or_path``; for a
+    base with an adapter, the base the adapter was trained on."""
+    if h.adapter is not None:
+        return [h.adapter.declared_base] if h.adapter.declared_base else []
     if h.card_base_model:
         return h.card_base_model
     origin = str(h.config.get("_name_or_path") or "")
@@ -241,7 +252,7 @@ def _declared_base_findings(recipe: Recipe, headers: dict[str, ModelHeaders]) ->
     found = []
     for key, h in headers.items():
         declared = declared_bases(h)
-        if key == recipe.base_model.key:
+        if key == recipe.base_model.key or h.adapter is not None:  # adapters: _adapter_findings
             continue
         if not declared:
             found.append(Finding(severity="note", model=key, check="declared_base", message="declares no base model (card base_model, config _name_or_path)"))
@@ -251,6 +262,53 @@ def _declared_base_findings(recipe: Recipe, headers: dict[str, ModelHeaders]) ->
             found.append(Finding(severity="warning", model=key, check="declared_base", message=f"declares base model {', '.join(declared)}, not the recipe's base {base}"))
         else:
             found.append(Finding(severity="note", model=key, check="declared_base", message=f"declares base model {base}, as the recipe says"))
+    return found
+
+
+def applied_base(recipe: Recipe, ref: ModelRef) -> ModelRef:
+    """The base model an adapter is applied to: BASE of ``BASE+ADAPTER``, else (an adapter listed alone) the recipe's base."""
+    return ModelRef(path=ref.path, revision=ref.revision) if ref.adapter else adapter_base(recipe.base_model, ref)
+
+
+def _trained_on(h: ModelHeaders, base: ModelRef) -> tuple[bool | None, str]:
+    """Whether the adapter of ``h`` was trained on ``base`` (None: cannot tell), and what it declares, in words."""
+    assert h.adapter is not None
+    declared = h.adapter.declared_base
+    if not declared:
+        return None, "it declares no base model in adapter_config.json"
+    if h.path is None:  # the base is on the Hub
+        if _is_hub_id(declared):
+            return declared.lower() == base.path.lower(), declared
+        return None, f"trained on {declared}, not compared with a Hub base"
+    folders = [c for c in (Path(declared), *([h.adapter.path / declared] if h.adapter.path else [])) if c.is_dir()]
+    if folders:
+        return any(c.resolve() == h.path for c in folders), declared
+    if declared == h.config.get("_name_or_path"):
+        return True, declared
+    return None, f"trained on {declared}, not compared with the local folder"
+
+
+def _adapter_findings(recipe: Recipe, headers: dict[str, ModelHeaders]) -> list[Finding]:
+    """Each adapter: its modules against the base's tensors, the base it was trained on against the one it is applied to."""
+    found = []
+    for ref in recipe.referenced_models:
+        h = headers[ref.key]
+        if h.adapter is None:
+            continue
+        base = applied_base(recipe, ref)
+        found += [Finding(severity="problem", model=ref.key, check="adapter", message=f"adapter {h.adapter.key} does not fit {base.key}: {p}")
+                  for p in h.adapter_problems]
+        matches, declared = _trained_on(h, base)
+        if matches is False:
+            severity: Severity = "warning" if recipe.allow_adapter_base_mismatch else "problem"
+            advice = "allowed by allow_adapter_base_mismatch" if recipe.allow_adapter_base_mismatch else (
+                f"apply it to {declared}, or set `allow_adapter_base_mismatch: true` in the recipe if {base.key} has the same weights")
+            found.append(Finding(severity=severity, model=ref.key, check="adapter_base",
+                                 message=f"adapter {h.adapter.key} was trained on {declared}, but is applied to {base.key}; {advice}"))
+        else:
+            how = "trained on it" if matches else declared
+            found.append(Finding(severity="note", model=ref.key, check="adapter_base",
+                                 message=f"LoRA adapter {h.adapter.key} on {base.key} ({how}): {h.adapter.describe()}"))
     return found
 
 
@@ -275,5 +333,5 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
             findings += _tensor_findings(ref, h) if recipe.slices is None else []
     if recipe.slices is not None:
         findings += _slice_findings(recipe, headers, reference)
-    findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers)
+    findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers) + _adapter_findings(recipe, headers)
     return CompatibilityReport(method=recipe.merge_method, reference=reference, models=summaries, findings=findings)

@@ -4,6 +4,8 @@ One ``ModelHeaders`` per model serves the compatibility check, the weight-space 
 read once: from a local folder (``read_local_headers``), or from the Hub before anything is downloaded
 (``mergeflow.sources.read_source_headers``); once the weights are local, ``at(folder)`` says where they are.
 Tensors are ordered by file (the index's order) and by name within a file, wherever they were read from.
+A model with a PEFT LoRA adapter (``BASE+ADAPTER``, or an adapter listed alone on the recipe's base) is its base's
+headers with the adapter's patch (``with_adapter``): the terms to add, the tensors the adapter replaces.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ from safetensors import safe_open
 
 from merge_ops.architecture import layer_count_key, split_layer_name
 from merge_ops.errors import ModelNotFoundError
-from merge_ops.lora import LoraTerm, read_adapter
+from merge_ops.lora import ADAPTER_WEIGHTS, AdapterHeaders, LoraTerm, adapter_patch, read_adapter_headers
 from merge_ops.safetensors_io import tensor_nbytes, weight_files
 
 
 class TensorHeader(BaseModel):
-    """One tensor's safetensors header entry, and the file that holds it (relative to the model folder; absolute
-    for a tensor an adapter replaces, stored there under ``stored_as``)."""
+    """One tensor's safetensors header entry, and the file that holds it (relative to the model folder; for a tensor
+    an adapter replaces, relative to the adapter folder, stored there under ``stored_as``)."""
 
     file: str
     dtype: str
@@ -44,8 +46,12 @@ class ModelHeaders(BaseModel):
     tensors: dict[str, TensorHeader]
     card_base_model: list[str] = []
     path: Path | None = None
+    adapter: AdapterHeaders | None = None
+    """The LoRA adapter applied to this base, if any."""
     lora: dict[str, LoraTerm] = {}
-    """Tensor -> the LoRA term an adapter adds to it (``BASE+ADAPTER`` models)."""
+    """Tensor -> the LoRA term the adapter adds to it."""
+    adapter_problems: list[str] = []
+    """Adapter modules that do not fit the base (the compatibility report lists them)."""
 
     @cached_property
     def layers(self) -> dict[int, dict[str, str]]:
@@ -68,13 +74,27 @@ class ModelHeaders(BaseModel):
         Raises:
             ModelNotFoundError: the model is not local yet.
         """
-        if self.path is None:
+        header = self.tensors[tensor]
+        root = self.adapter.path if header.stored_as and self.adapter else self.path
+        if root is None:
             raise ModelNotFoundError(self.key, "its weights are not local yet; download it first (`mergeflow run` does)")
-        return self.path / self.tensors[tensor].file
+        return root / header.file
 
-    def at(self, folder: Path) -> ModelHeaders:
-        """The same headers, with the weights now in ``folder`` (a download of the same commit)."""
-        return self.model_copy(update={"path": Path(folder).resolve()})
+    def lora_term(self, tensor: str) -> LoraTerm | None:
+        """The LoRA term added to ``tensor``, its file absolute (the adapter must be local)."""
+        term = self.lora.get(tensor)
+        if term is None or self.adapter is None:
+            return None
+        if self.adapter.path is None:
+            raise ModelNotFoundError(self.key, "its adapter is not local yet; download it first (`mergeflow run` does)")
+        return term.model_copy(update={"file": str(self.adapter.path / term.file)})
+
+    def at(self, folder: Path, adapter: Path | None = None) -> ModelHeaders:
+        """The same headers, with the weights now in ``folder`` and the adapter's in ``adapter`` (downloads of the same commits)."""
+        update: dict[str, Any] = {"path": Path(folder).resolve()}
+        if self.adapter is not None and adapter is not None:
+            update["adapter"] = self.adapter.model_copy(update={"path": Path(adapter).resolve()})
+        return self.model_copy(update=update)
 
 
 def ordered_tensors(files: Iterable[tuple[str, Mapping[str, tuple[str, tuple[int, ...]]]]]) -> dict[str, TensorHeader]:
@@ -95,12 +115,23 @@ def card_base_model(readme: Path | None) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
+def with_adapter(headers: ModelHeaders, adapter: AdapterHeaders, key: str) -> ModelHeaders:
+    """``headers`` of a base with ``adapter`` applied, as the model ``key``: its terms, its replaced tensors, and the
+    modules that do not fit (``adapter_problems``)."""
+    patch = adapter_patch(adapter, {name: t.shape for name, t in headers.tensors.items()})
+    replaced = {name: TensorHeader(file=ADAPTER_WEIGHTS, dtype=dtype, shape=headers.tensors[name].shape, stored_as=stored)
+                for name, (dtype, stored) in patch.replaced.items()}
+    return headers.model_copy(update={
+        "key": key, "tensors": {**headers.tensors, **replaced}, "adapter": adapter, "lora": patch.terms, "adapter_problems": patch.problems,
+    })
+
+
 def read_local_headers(key: str, folder: Path, adapter: Path | None = None) -> ModelHeaders:
     """config.json, card base_model and tensor headers of a local model folder (no weights read), with the PEFT LoRA
-    ``adapter`` folder's patch when given (its terms in ``lora``, the tensors it replaces pointing at it).
+    ``adapter`` folder applied when given (``with_adapter``).
 
     Raises:
-        ModelNotFoundError: no config.json or no safetensors weights; an adapter that does not fit.
+        ModelNotFoundError: no config.json or no safetensors weights; not an adapter folder, or one mergeflow does not apply.
     """
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
@@ -119,7 +150,4 @@ def read_local_headers(key: str, folder: Path, adapter: Path | None = None) -> M
     )
     if adapter is None:
         return headers
-    patch = read_adapter(key, adapter, {name: t.shape for name, t in headers.tensors.items()})
-    replaced = {name: TensorHeader(file=file, dtype=dtype, shape=headers.tensors[name].shape, stored_as=stored)
-                for name, (dtype, file, stored) in patch.replaced.items()}
-    return headers.model_copy(update={"tensors": {**headers.tensors, **replaced}, "lora": patch.terms})
+    return with_adapter(headers, read_adapter_headers(key, adapter, card_base_model(Path(adapter) / "README.md")), key)

@@ -32,7 +32,9 @@ UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "use_qalora": "QA
 
 
 class LoraTerm(BaseModel):
-    """What an adapter adds to one base tensor: ``scale * B @ A`` (transposed for embeddings and fan_in_fan_out)."""
+    """What an adapter adds to one base tensor: ``scale * B @ A`` (transposed for embeddings and fan_in_fan_out).
+
+    ``file`` is the adapter's weights file: relative to the adapter folder in headers, absolute in a plan."""
 
     file: str
     a: str
@@ -42,11 +44,51 @@ class LoraTerm(BaseModel):
 
 
 class AdapterPatch(BaseModel):
-    """An adapter's effect on its base, by base tensor name: terms to add, and tensors it replaces outright."""
+    """An adapter's effect on its base, by base tensor name: terms to add, tensors it replaces outright, and what
+    does not fit the base."""
 
     terms: dict[str, LoraTerm]
-    replaced: dict[str, tuple[str, str, str]]
-    """Base tensor -> (dtype, file, name in that file): ``modules_to_save`` and saved base layers."""
+    replaced: dict[str, tuple[str, str]]
+    """Base tensor -> (dtype, name in the adapter's file): ``modules_to_save`` and saved base layers."""
+    problems: list[str]
+
+
+class AdapterHeaders(BaseModel):
+    """A PEFT LoRA adapter without its weights: adapter_config.json, its card's base_model and its tensor headers;
+    ``path`` is None while it is only on the Hub."""
+
+    key: str
+    config: dict[str, Any]
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    """Tensor name -> (dtype, shape)."""
+    card_base_model: list[str] = []
+    path: Path | None = None
+
+    @property
+    def declared_base(self) -> str | None:
+        """The base the adapter was trained on: ``base_model_name_or_path``, else its card's ``base_model``."""
+        return self.config.get("base_model_name_or_path") or next(iter(self.card_base_model), None)
+
+    @property
+    def modules(self) -> dict[str, int]:
+        """Adapted module -> its rank (rows of its ``lora_A``)."""
+        ranks = {}
+        for name, (_, shape) in self.tensors.items():
+            local = name.removeprefix(PREFIX)
+            for suffix in (".lora_A.weight", ".lora_embedding_A"):
+                if local.endswith(suffix):
+                    ranks[local.removesuffix(suffix)] = shape[0]
+        return ranks
+
+    def describe(self) -> str:
+        """Rank, alpha, scale and targets, for the compatibility report."""
+        ranks, alpha, rslora = self.modules, float(self.config.get("lora_alpha", 8)), bool(self.config.get("use_rslora"))
+        scales = sorted({_scale(self.config, module, rank) for module, rank in ranks.items()})
+        kinds = sorted({module.rsplit(".", 1)[-1] for module in ranks})
+        text = (f"r={'/'.join(map(str, sorted(set(ranks.values())))) or '-'}, lora_alpha={alpha:g}{', rsLoRA' if rslora else ''}, "
+                f"scale {'/'.join(f'{s:g}' for s in scales) or '-'}, {len(ranks)} modules ({', '.join(kinds)})")
+        saved = self.config.get("modules_to_save") or []
+        return text + (f", modules_to_save: {', '.join(saved)}" if saved else "")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -57,29 +99,54 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]]) -> AdapterPatch:
-    """The patch a PEFT LoRA adapter folder makes to a base whose tensors have the shapes ``base_tensors``.
+def _scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``), with ``alpha_pattern`` applied to the module."""
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def check_adapter_config(key: str, config: dict[str, Any]) -> None:
+    """Refuse adapter types and options that change the arithmetic beyond ``W + scale * B @ A``.
 
     Raises:
-        ModelNotFoundError: not an adapter folder, an adapter type or option mergeflow does not apply (named), or
-            a module the base lacks or whose shape does not fit.
+        ModelNotFoundError: not LoRA, or DoRA and the other options of ``UNSUPPORTED`` (named).
     """
-    folder = Path(folder).resolve()
-    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise ModelNotFoundError(key, f"{config['peft_type']} adapters are not supported; mergeflow applies LoRA adapters only")
     used = [name for option, name in UNSUPPORTED.items() if config.get(option)]
     if used:
         raise ModelNotFoundError(key, f"the adapter uses {', '.join(used)}, which mergeflow does not apply; merge it with PEFT's merge_and_unload first")
-    file = str(folder / ADAPTER_WEIGHTS)
-    with safe_open(file, framework="pt") as handle:
-        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        dtypes = {name: handle.get_slice(name).get_dtype() for name in shapes}
-    rslora, alpha, fan_in_fan_out = bool(config.get("use_rslora")), float(config.get("lora_alpha", 8)), bool(config.get("fan_in_fan_out"))
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a PEFT adapter (its config) rather than a model."""
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def read_adapter_headers(key: str, folder: Path, card_base_model: list[str] | None = None) -> AdapterHeaders:
+    """adapter_config.json and tensor headers of a local PEFT adapter folder (no weights read).
+
+    Raises:
+        ModelNotFoundError: not an adapter folder, or an adapter type or option mergeflow does not apply (named).
+    """
+    folder = Path(folder).resolve()
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    check_adapter_config(key, config)
+    with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as handle:
+        slices = {name: handle.get_slice(name) for name in handle.keys()}
+        tensors = {name: (part.get_dtype(), tuple(part.get_shape())) for name, part in slices.items()}
+    return AdapterHeaders(key=key, config=config, tensors=tensors, card_base_model=card_base_model or [], path=folder)
+
+
+def adapter_patch(adapter: AdapterHeaders, base_tensors: dict[str, tuple[int, ...]]) -> AdapterPatch:
+    """The patch ``adapter`` makes to a base whose tensors have the shapes ``base_tensors``, from headers only;
+    modules the base lacks or whose shape does not fit are listed in ``problems``."""
+    shapes = {name: shape for name, (_, shape) in adapter.tensors.items()}
+    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
     terms: dict[str, LoraTerm] = {}
-    replaced: dict[str, tuple[str, str, str]] = {}
+    replaced: dict[str, tuple[str, str]] = {}
     problems = []
     for name, shape in shapes.items():
         local = name.removeprefix(PREFIX)
@@ -87,16 +154,14 @@ def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]
             if local.endswith(a_suffix):
                 module = local.removesuffix(a_suffix)
                 target, b = f"{module}.weight", name.removesuffix(a_suffix.removeprefix(".")) + b_suffix.removeprefix(".")
-                rank = shape[0]
                 transpose = embedding or fan_in_fan_out
                 delta = (shapes[b][0], shape[1]) if b in shapes else None
                 expected = base_tensors.get(target)
                 if delta is None or expected is None or (delta[::-1] if transpose else delta) != expected:
-                    problems.append(f"{module}: the adapter's update {delta} does not fit the base's {target} {expected}")
+                    problems.append(f"{module}: no {b} beside its lora_A" if delta is None else f"{module}: the base has no {target}" if expected is None
+                                    else f"{module}: the adapter's update {delta} does not fit the base's {target} {expected}")
                     break
-                module_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
-                scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-                terms[target] = LoraTerm(file=file, a=name, b=b, scale=scale, transpose=transpose)
+                terms[target] = LoraTerm(file=ADAPTER_WEIGHTS, a=name, b=b, scale=_scale(adapter.config, module, shape[0]), transpose=transpose)
                 break
         else:
             if ".lora_" in local:
@@ -105,10 +170,8 @@ def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]
             if base_tensors.get(target) != shape:
                 problems.append(f"{local}: replaces {target}, but the base has {base_tensors.get(target)}, not {shape}")
                 continue
-            replaced[target] = (dtypes[name], file, name)
-    if problems:
-        raise ModelNotFoundError(key, "the adapter does not fit its base: " + "; ".join(problems))
-    return AdapterPatch(terms=terms, replaced=replaced)
+            replaced[target] = (adapter.tensors[name][0], name)
+    return AdapterPatch(terms=terms, replaced=replaced, problems=problems)
 
 
 def apply_lora(weight: torch.Tensor, term: LoraTerm, rows: tuple[int, int] | None) -> torch.Tensor:

@@ -19,11 +19,11 @@ from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
-from merge_ops.lora import LoraTerm
+from merge_ops.lora import LoraTerm, is_adapter_folder
 from merge_ops.methods.declaration import REQUIRED, MergeMethod
 from merge_ops.methods.registry import get_method
 from merge_ops.parameters import NOT_SET, layer_position, lookup
-from merge_ops.recipe import ModelRef, Parameters, Recipe
+from merge_ops.recipe import ModelRef, Parameters, Recipe, adapter_base
 from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, tensor_nbytes
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
@@ -121,9 +121,11 @@ def tensor_seed(seed: int, name: str) -> int:
 
 def read_models(recipe: Recipe) -> dict[str, ModelHeaders]:
     """The headers of every model of the recipe, each a local folder (relative paths: cwd, then the recipe's folder).
+    An adapter folder listed on its own is applied to the recipe's base model.
 
     Raises:
-        ModelNotFoundError: a reference is not a local model folder.
+        ModelNotFoundError: a reference is not a local model or adapter folder.
+        RecipeError: an adapter listed on its own in a recipe without ``base_model``.
     """
     def local(path: str) -> Path:
         folder = next((c for c in (Path(path), recipe.base_dir / path) if c.is_dir()), None)
@@ -131,8 +133,15 @@ def read_models(recipe: Recipe) -> dict[str, ModelHeaders]:
             raise ModelNotFoundError(path, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path")
         return folder
 
-    adapters = {ref.key: local(ref.adapter_ref.path) for ref in recipe.referenced_models if ref.adapter_ref}
-    return {ref.key: read_local_headers(ref.key, local(ref.path), adapters.get(ref.key)) for ref in recipe.referenced_models}
+    def read(ref: ModelRef) -> ModelHeaders:
+        if ref.adapter_ref is not None:
+            return read_local_headers(ref.key, local(ref.path), local(ref.adapter_ref.path))
+        folder = local(ref.path)
+        if not is_adapter_folder(folder):
+            return read_local_headers(ref.key, folder)
+        return read_local_headers(ref.key, local(adapter_base(recipe.base_model, ref).path), folder)
+
+    return {ref.key: read(ref) for ref in recipe.referenced_models}
 
 
 def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]) -> list[_Slice]:
@@ -159,7 +168,7 @@ class _Planner:
         for ref, source_name, params in members:  # names and shapes agree: compatibility_report checked them
             model, header = self.models[ref.key], self.models[ref.key].tensors[source_name]
             source = TensorSource(model=ref.key, file=str(model.file(source_name)), name=header.stored_as or source_name, dtype=header.dtype,
-                                  lora=model.lora.get(source_name))
+                                  lora=model.lora_term(source_name))
             found.append((ref, source, params))
         base = next((src for ref, src, _ in found if ref.key == base_key), None)
         if self.method.base == "required" and base is None:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
+from merge_ops.errors import RecipeError
+
 DType = Literal["float32", "bfloat16", "float16"]
 Scalar = bool | int | float | str
 
@@ -126,7 +128,8 @@ class TokenizerConfig(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A merge recipe (mergekit schema, plus an optional ``seed`` for random methods).
+    """A merge recipe (mergekit schema, plus mergeflow's optional ``seed`` for random methods and
+    ``allow_adapter_base_mismatch``).
 
     Loaded once per run (``merge_ops.recipe_file.load_recipe``), it carries the text it was read from and
     that file's path, for the plan, the model card and the lineage.
@@ -147,6 +150,8 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     name: str | None = None
     seed: int = 0
+    allow_adapter_base_mismatch: bool = False
+    """Apply LoRA adapters to a base other than the one they declare (a warning instead of a problem)."""
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -196,6 +201,17 @@ class Recipe(BaseModel):
         for s in self.slices or []:
             refs += [src.model for src in s.sources]
         return list(dict.fromkeys(refs))
+
+
+def adapter_base(base_model: ModelRef | None, ref: ModelRef) -> ModelRef:
+    """The base an adapter listed on its own (``ref``, no ``+``) is applied to: the recipe's ``base_model``.
+
+    Raises:
+        RecipeError: the recipe has no ``base_model`` (or it is the adapter itself).
+    """
+    if base_model is None or base_model == ref:
+        raise RecipeError([f"{ref.key}: is a LoRA adapter; list it as BASE+{ref.key}, or set the recipe's base_model to the model it adapts"])
+    return base_model
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -23,6 +23,7 @@ import torch
 
 from merge_ops.compatibility import BaseDistance, CompatibilityReport, Finding
 from merge_ops.headers import ModelHeaders
+from merge_ops.lora import apply_lora
 from merge_ops.recipe import Recipe
 from merge_ops.safetensors_io import load_tensor
 
@@ -33,7 +34,8 @@ FLOAT_DTYPES = ("F64", "F32", "BF16", "F16")
 
 
 def base_distance(model_headers: ModelHeaders, base_headers: ModelHeaders) -> BaseDistance | None:
-    """Median cosine and relative distance of sampled tensors of a local model from the local base; None if none compare."""
+    """Median cosine and relative distance of sampled tensors of a local model (with its adapter applied) from the
+    local base; None if none compare."""
     model, base = model_headers.tensors, base_headers.tensors
     names = sorted(
         n for n, t in model.items()
@@ -46,7 +48,9 @@ def base_distance(model_headers: ModelHeaders, base_headers: ModelHeaders) -> Ba
     for name in dict.fromkeys(picked):
         shape = model[name].shape
         rows = (0, min(shape[0], max(1, SAMPLE_ELEMENTS // math.prod(shape[1:]))))
-        x = load_tensor(model_headers.file(name), name, rows).double().flatten()
+        x = load_tensor(model_headers.file(name), model[name].stored_as or name, rows)
+        term = model_headers.lora_term(name)
+        x = (apply_lora(x.float(), term, rows) if term else x).double().flatten()
         b = load_tensor(base_headers.file(name), name, rows).double().flatten()
         if b.norm() == 0 or x.norm() == 0:
             continue

@@ -57,9 +57,11 @@ def _limit(result: EvalResult) -> str | None:
 
 def _lineage_section(lineage: Lineage) -> list[str]:
     lines = ["## Lineage", "", "| role | model | requested revision | commit |", "|---|---|---|---|"]
-    for s in sorted(lineage.sources, key=lambda s: not s.is_base):
-        model = f"`{s.repo_id}`" if s.repo_id else f"`{s.key}` (local)"
-        lines.append(f"| {'base' if s.is_base else 'source'} | {model} | {s.revision or ('main' if s.repo_id else '-')} | {f'`{s.commit_sha}`' if s.commit_sha else '-'} |")
+    for source in sorted(lineage.sources, key=lambda s: not s.is_base):
+        rows = [(source, "base" if source.is_base else "source"), *([(source.adapter, "LoRA adapter on the row above")] if source.adapter else [])]
+        for s, role in rows:
+            model = f"`{s.repo_id}`" if s.repo_id else f"`{s.key.split('+')[0] if s.adapter else s.key}` (local)"
+            lines.append(f"| {role} | {model} | {s.revision or ('main' if s.repo_id else '-')} | {f'`{s.commit_sha}`' if s.commit_sha else '-'} |")
     lines.append(f"| merged | this model ({lineage.method}) | | content sha256 `{lineage.output_hash}` |")
     return lines + ["", f"Recipe sha256 `{lineage.recipe_sha256}`."]
 

@@ -36,8 +36,9 @@ class Lineage(BaseModel):
 
     @property
     def hub_base_models(self) -> list[str]:
-        """Hub repo ids of every source (the base first), for the card's ``base_model``."""
-        ids = [s.repo_id for s in sorted(self.sources, key=lambda s: not s.is_base) if s.repo_id]
+        """Hub repo ids of every source and adapter (the base first), for the card's ``base_model``."""
+        ordered = sorted(self.sources, key=lambda s: not s.is_base)
+        ids = [r.repo_id for s in ordered for r in (s, *([s.adapter] if s.adapter else [])) if r.repo_id]
         return list(dict.fromkeys(ids))
 
 

@@ -42,8 +42,9 @@ class RunSummary(BaseModel):
                  f"pipeline {self.pipeline_seconds:.1f} s, shards {self.merge_seconds:.1f} s ({self.throughput / 1e6:.0f} MB/s written). "
                  f"Plan `{self.plan_sha256[:12]}`" + (f"; resumed with {len(self.resumed)} shard(s) already merged." if self.resumed else "."),
                  "", "## Sources", "", "| reference | repo | requested revision | commit | local folder |", "|---|---|---|---|---|"]
-        for s in self.sources:
-            lines.append(f"| `{s.key}` | {s.repo_id or '(local)'} | {s.revision or ('main' if s.repo_id else '-')} | {s.commit_sha or '-'} | `{s.path}` |")
+        for source in self.sources:
+            for s, role in [(source, f"`{source.key}`"), *([(source.adapter, "its adapter")] if source.adapter else [])]:
+                lines.append(f"| {role} | {s.repo_id or '(local)'} | {s.revision or ('main' if s.repo_id else '-')} | {s.commit_sha or '-'} | `{s.path}` |")
         compat = "compatible" if report.compatible else "not compatible"
         notes = [f"- {f.severity}: {f}" for f in report.findings if f.severity != "note"]
         lines += ["", f"## Compatibility: {compat}", "", *(notes or ["- no warnings"])]

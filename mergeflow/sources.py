@@ -3,8 +3,10 @@
 ``resolve_source`` pins a Hub reference to its commit sha without downloading anything; ``read_source_headers``
 reads its config, card and safetensors headers (ranged reads on the Hub); ``download_source`` fetches that exact
 commit's weights, configs and tokenizer files with ``snapshot_download``. Local folders pass through unchanged.
-One ``Source`` record follows a model from the recipe to the lineage of what was merged from it. The token comes from ``settings.hf_token()`` inside these functions, so it is
-never an argument, a log line or a Prefect record.
+One ``Source`` record follows a model from the recipe to the lineage of what was merged from it. A PEFT LoRA adapter
+applied to a base (``BASE+ADAPTER``, or an adapter listed alone on the recipe's ``base_model``) is the base's record
+with the adapter's own pinned record in ``adapter``. The token comes from ``settings.hf_token()`` inside these
+functions, so it is never an argument, a log line or a Prefect record.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
 from pydantic import BaseModel
 
-from merge_ops.errors import ModelNotFoundError, RecipeError
-from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers
-from merge_ops.recipe import ModelRef
+from merge_ops.errors import ModelNotFoundError
+from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
+from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterHeaders, check_adapter_config, is_adapter_folder, read_adapter_headers
+from merge_ops.recipe import ModelRef, adapter_base
 from mergeflow import settings
 from mergeflow.hub import hub_error
 
@@ -51,40 +54,33 @@ class Source(BaseModel):
     """The commit that is merged (Hub sources)."""
     path: Path | None = None
     is_base: bool = False
+    adapter: Source | None = None
+    """The LoRA adapter applied to this model, pinned the same way (its ``key`` is the adapter as written)."""
 
     @property
     def label(self) -> str:
         if self.repo_id:
-            return f"{self.repo_id}@{self.commit_sha[:12]}" if self.commit_sha else self.repo_id
-        return self.key
+            own = f"{self.repo_id}@{self.commit_sha[:12]}" if self.commit_sha else self.repo_id
+        else:
+            own = self.key.split("+")[0] if self.adapter else self.key
+        return f"{own}+{self.adapter.label}" if self.adapter else own
+
+    @property
+    def pinned(self) -> str:
+        """What exactly was merged: ``repo @ commit`` or the local folder, and the same of its adapter."""
+        own = f"{self.repo_id} @ {self.commit_sha}" if self.repo_id else f"{self.key.split('+')[0] if self.adapter else self.key} (local: {self.path})"
+        return f"{own} + adapter {self.adapter.pinned}" if self.adapter else own
 
 
 def _local_folder(ref: ModelRef, base_dir: Path) -> Path | None:
     return next((c.resolve() for c in (Path(ref.path), base_dir / ref.path) if c.is_dir()), None)
 
 
-def resolve_source(ref: ModelRef, *, base_dir: Path, endpoint: str | None = None) -> Source:
-    """Pin ``ref`` to a commit (Hub) or a folder (local), downloading nothing.
-
-    Args:
-        ref: the recipe's reference, ``path`` or ``org/repo@revision``.
-        base_dir: folder that relative local paths are tried against (the recipe's folder), after cwd.
-        endpoint: Hub URL; ``settings.HF_ENDPOINT`` when None.
-
-    Raises:
-        ModelNotFoundError: neither a local folder nor a Hub repo/revision.
-        HubAccessError: the Hub refused the token.
-
-    Example:
-        >>> resolve_source(ModelRef.model_validate("org/model@main"), base_dir=Path("."))
-        Source(key='org/model@main', repo_id='org/model', revision='main', commit_sha='3f1c...', path=None)
-    """
-    if ref.adapter:
-        raise RecipeError([f"{ref.key}: LoRA adapters (BASE+ADAPTER) are applied by `mergeflow merge` and `mergeflow plan` for now; "
-                           "the pipeline (`mergeflow run`, `check`, `sweep`, the DVC stages) does not fetch adapters yet"])
+def _pin(ref: ModelRef, base_dir: Path, endpoint: str | None) -> tuple[Source, bool]:
+    """``ref`` pinned to a folder or a commit, and whether it is a PEFT adapter rather than a model."""
     folder = _local_folder(ref, base_dir)
     if folder is not None:
-        return Source(key=ref.key, path=folder)
+        return Source(key=ref.key, path=folder), is_adapter_folder(folder)
     if ref.path.count("/") != 1 or ref.path.startswith((".", "/")):
         raise ModelNotFoundError(ref.key, "not a local folder, nor a Hub repo id of the form org/name")
     api = HfApi(endpoint=endpoint or settings.HF_ENDPOINT, token=settings.hf_token())
@@ -92,7 +88,40 @@ def resolve_source(ref: ModelRef, *, base_dir: Path, endpoint: str | None = None
         info = api.model_info(ref.path, revision=ref.revision)
     except HfHubHTTPError as err:
         raise hub_error(ref.path, ref.revision, err) from err
-    return Source(key=ref.key, repo_id=ref.path, revision=ref.revision, commit_sha=info.sha)
+    files = {sibling.rfilename for sibling in info.siblings or []}
+    source = Source(key=ref.key, repo_id=ref.path, revision=ref.revision, commit_sha=info.sha)
+    return source, ADAPTER_CONFIG in files and "config.json" not in files
+
+
+def resolve_source(ref: ModelRef, *, base_dir: Path, endpoint: str | None = None, base: ModelRef | None = None) -> Source:
+    """Pin ``ref`` to a commit (Hub) or a folder (local), downloading nothing; an adapter is pinned with its base.
+
+    Args:
+        ref: the recipe's reference, ``path``, ``org/repo@revision``, or ``BASE+ADAPTER``.
+        base_dir: folder that relative local paths are tried against (the recipe's folder), after cwd.
+        endpoint: Hub URL; ``settings.HF_ENDPOINT`` when None.
+        base: the recipe's base model, which an adapter listed on its own is applied to.
+
+    Raises:
+        ModelNotFoundError: neither a local folder nor a Hub repo/revision; ADAPTER of ``BASE+ADAPTER`` is no adapter.
+        RecipeError: an adapter listed on its own without a recipe base model.
+        HubAccessError: the Hub refused the token.
+
+    Example:
+        >>> resolve_source(ModelRef.model_validate("org/model@main"), base_dir=Path("."))
+        Source(key='org/model@main', repo_id='org/model', revision='main', commit_sha='3f1c...', path=None)
+    """
+    if ref.adapter_ref is not None:
+        model, _ = _pin(ModelRef(path=ref.path, revision=ref.revision), base_dir, endpoint)
+        adapter, is_adapter = _pin(ref.adapter_ref, base_dir, endpoint)
+        if not is_adapter:
+            raise ModelNotFoundError(ref.adapter_ref.key, f"is not a PEFT LoRA adapter ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}, no config.json)")
+        return model.model_copy(update={"key": ref.key, "adapter": adapter})
+    source, is_adapter = _pin(ref, base_dir, endpoint)
+    if not is_adapter:
+        return source
+    model, _ = _pin(adapter_base(base, ref), base_dir, endpoint)
+    return model.model_copy(update={"key": ref.key, "adapter": source})
 
 
 def download_source(
@@ -102,7 +131,8 @@ def download_source(
     cache_dir: Path | None = None,
     extra_patterns: list[str] | None = None,
 ) -> Source:
-    """Download the pinned commit of a Hub source (weights, configs, tokenizer, card); local sources pass through.
+    """Download the pinned commit of a Hub source (weights, configs, tokenizer, card) and of its adapter; local
+    folders pass through.
 
     Args:
         source: from ``resolve_source``.
@@ -113,8 +143,9 @@ def download_source(
     Raises:
         ModelNotFoundError, HubAccessError: permanent; other errors (network) are worth retrying.
     """
+    adapter = download_source(source.adapter, endpoint=endpoint, cache_dir=cache_dir) if source.adapter else None
     if source.repo_id is None:
-        return source
+        return source.model_copy(update={"adapter": adapter})
     try:
         folder = snapshot_download(
             source.repo_id,
@@ -126,34 +157,29 @@ def download_source(
         )
     except HfHubHTTPError as err:
         raise hub_error(source.repo_id, source.commit_sha, err) from err
-    return source.model_copy(update={"path": Path(folder)})
+    return source.model_copy(update={"path": Path(folder), "adapter": adapter})
 
 
-def read_source_headers(source: Source, *, endpoint: str | None = None, cache_dir: Path | None = None) -> ModelHeaders:
-    """config.json, card base_model and tensor headers of a local folder or a pinned Hub commit (no weights).
+def _hub_file(source: Source, filename: str, endpoint: str, cache_dir: Path | None) -> Path | None:
+    """One file of a pinned Hub source, from the cache or downloaded; None when the commit lacks it."""
+    assert source.repo_id is not None and source.commit_sha is not None
+    try:
+        return Path(hf_hub_download(source.repo_id, filename, revision=source.commit_sha, endpoint=endpoint, token=settings.hf_token(), cache_dir=cache_dir))
+    except EntryNotFoundError:
+        return None
 
-    Raises:
-        ModelNotFoundError: no config.json or no safetensors weights.
-        HubAccessError: the Hub refused the token.
-    """
+
+def _model_headers(source: Source, endpoint: str, cache_dir: Path | None) -> ModelHeaders:
+    """config.json, card base_model and tensor headers of a model (not its adapter), local or a pinned Hub commit."""
     if source.path is not None:
         return read_local_headers(source.key, source.path)
     assert source.repo_id is not None and source.commit_sha is not None
-    url, token, cache = endpoint or settings.HF_ENDPOINT, settings.hf_token(), cache_dir or settings.HF_CACHE_DIR
-
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(source.repo_id, filename, revision=source.commit_sha, endpoint=url, token=token, cache_dir=cache))  # type: ignore[arg-type]
-
     try:
-        config_file = fetch("config.json")
-        try:
-            readme: Path | None = fetch("README.md")
-        except EntryNotFoundError:
-            readme = None
-        api = HfApi(endpoint=url, token=token)
-        meta = api.get_safetensors_metadata(source.repo_id, revision=source.commit_sha)
-    except EntryNotFoundError:
-        raise ModelNotFoundError(source.key, "the repo has no config.json; is it a transformers model?") from None
+        config_file = _hub_file(source, "config.json", endpoint, cache_dir)
+        if config_file is None:
+            raise ModelNotFoundError(source.key, "the repo has no config.json; is it a transformers model?")
+        readme = _hub_file(source, "README.md", endpoint, cache_dir)
+        meta = HfApi(endpoint=endpoint, token=settings.hf_token()).get_safetensors_metadata(source.repo_id, revision=source.commit_sha)
     except NotASafetensorsRepoError:
         raise ModelNotFoundError(source.key, "the repo has no .safetensors weights; mergeflow merges safetensors only") from None
     except HfHubHTTPError as err:
@@ -165,7 +191,47 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
     )
 
 
+def _adapter_headers(adapter: Source, endpoint: str, cache_dir: Path | None) -> AdapterHeaders:
+    """adapter_config.json, card base_model and tensor headers of a PEFT adapter, local or a pinned Hub commit."""
+    if adapter.path is not None:
+        return read_adapter_headers(adapter.key, adapter.path, card_base_model(adapter.path / "README.md"))
+    assert adapter.repo_id is not None and adapter.commit_sha is not None
+    try:
+        config_file = _hub_file(adapter, ADAPTER_CONFIG, endpoint, cache_dir)
+        if config_file is None:
+            raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
+        config = json.loads(config_file.read_text())
+        check_adapter_config(adapter.key, config)
+        readme = _hub_file(adapter, "README.md", endpoint, cache_dir)
+        meta = HfApi(endpoint=endpoint, token=settings.hf_token()).parse_safetensors_file_metadata(adapter.repo_id, ADAPTER_WEIGHTS, revision=adapter.commit_sha)
+    except (EntryNotFoundError, NotASafetensorsRepoError):
+        raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_WEIGHTS}; mergeflow applies safetensors adapters only") from None
+    except HfHubHTTPError as err:
+        raise hub_error(adapter.repo_id, adapter.commit_sha, err) from err
+    tensors = {n: (t.dtype, tuple(t.shape)) for n, t in meta.tensors.items()}
+    return AdapterHeaders(key=adapter.key, config=config, tensors=tensors, card_base_model=card_base_model(readme))
+
+
+def read_source_headers(source: Source, *, endpoint: str | None = None, cache_dir: Path | None = None) -> ModelHeaders:
+    """config.json, card base_model and tensor headers of a local folder or a pinned Hub commit (no weights), with
+    its adapter applied (``merge_ops.headers.with_adapter``).
+
+    Raises:
+        ModelNotFoundError: no config.json or no safetensors weights; an adapter without its files or of a type mergeflow does not apply.
+        HubAccessError: the Hub refused the token.
+    """
+    url, cache = endpoint or settings.HF_ENDPOINT, cache_dir or settings.HF_CACHE_DIR
+    headers = _model_headers(source, url, cache)
+    if source.adapter is None:
+        return headers
+    return with_adapter(headers, _adapter_headers(source.adapter, url, cache), source.key)
+
+
 def local_headers(headers: Sequence[ModelHeaders], sources: Sequence[Source]) -> dict[str, ModelHeaders]:
-    """Ref key -> the headers of each model, pointing at its downloaded folder."""
-    folders: Mapping[str, Path | None] = {s.key: s.path for s in sources}
-    return {h.key: h.at(folder) if (folder := folders.get(h.key)) is not None else h for h in headers}
+    """Ref key -> the headers of each model, pointing at its downloaded folder (and its adapter's)."""
+    by_key: Mapping[str, Source] = {s.key: s for s in sources}
+    located = {}
+    for h in headers:
+        source = by_key.get(h.key)
+        located[h.key] = h.at(source.path, source.adapter.path if source.adapter else None) if source and source.path else h
+    return located

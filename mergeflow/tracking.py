@@ -10,7 +10,7 @@ A run holds
 - metrics: every lm-eval metric of the merged model (``eval/merged/<task>/<metric>``) and of each source
   (``eval/source/<name>/<task>/<metric>``), ``merge/seconds``, ``merge/throughput_bytes_per_s``,
   ``merge/peak_rss_bytes``, ``merge/output_bytes``, ``gate/passed``;
-- tags: the lineage (``mergeflow.source.<i>.*`` with repo ids and commits, ``mergeflow.base_model``,
+- tags: the lineage (``mergeflow.source.<i>.*`` with repo ids and commits, ``mergeflow.source.<i>.adapter.*`` for an adapter, ``mergeflow.base_model``,
   ``mergeflow.recipe_sha256``, ``mergeflow.output_hash``, ``mergeflow.dvc_hash``, ``mergeflow.git_commit``,
   ``mergeflow.prefect.flow_run_id``), then the outcome (``mergeflow.gate``, ``mergeflow.hub.commit``);
 - artifacts: ``recipe/``, ``model/`` (card, config and ``model_ref.json``: where the weights are, by path and
@@ -25,7 +25,7 @@ import resource
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,10 +211,24 @@ def lineage_tags(lineage: Lineage) -> dict[str, str]:
     }
     tags.update({f"{TAG}{k}": v for k, v in optional.items() if v is not None})
     for i, s in enumerate(lineage.sources):
-        fields = {"key": s.key, "repo_id": s.repo_id, "revision": s.revision, "commit": s.commit_sha, "path": str(s.path) if s.path else None,
-                  "role": "base" if s.is_base else "source"}
-        tags.update({f"{TAG}source.{i}.{k}": v for k, v in fields.items() if v is not None})
+        tags.update({f"{TAG}source.{i}.{k}": v for k, v in _source_fields(s).items() if v is not None})
+        tags[f"{TAG}source.{i}.role"] = "base" if s.is_base else "source"
+        if s.adapter:
+            tags.update({f"{TAG}source.{i}.adapter.{k}": v for k, v in _source_fields(s.adapter).items() if v is not None})
     return tags
+
+
+SOURCE_FIELDS = ("key", "repo_id", "revision", "commit", "path")
+"""The tags of one source (and of its adapter, under ``adapter.``)."""
+
+
+def _source_fields(s: Source) -> dict[str, str | None]:
+    return dict(zip(SOURCE_FIELDS, (s.key, s.repo_id, s.revision, s.commit_sha, str(s.path) if s.path else None), strict=True))
+
+
+def _source_from_tags(tag: Callable[[str], str | None], prefix: str) -> Source:
+    key, repo_id, revision, commit, path = (tag(f"{prefix}{k}") for k in SOURCE_FIELDS)
+    return Source(key=key or "?", repo_id=repo_id, revision=revision, commit_sha=commit, path=path)
 
 
 def _metrics(merged: EvalResult, sources: dict[str, EvalResult], aliases: dict[str, str], stats: MergeStats, output_bytes: int) -> dict[str, float]:
@@ -393,9 +407,8 @@ def lineage(name: str, *, tracking_uri: str | None = None) -> LineageTree:
 
         records = []
         for i in range(int(tag("sources") or 0)):
-            fields = {k: tag(f"source.{i}.{k}") for k in ("key", "repo_id", "revision", "commit", "path", "role")}
-            records.append(Source(key=fields["key"] or "?", repo_id=fields["repo_id"], revision=fields["revision"],
-                                        commit_sha=fields["commit"], path=fields["path"], is_base=fields["role"] == "base"))
+            adapter = _source_from_tags(tag, f"source.{i}.adapter.") if tag(f"source.{i}.adapter.key") else None
+            records.append(_source_from_tags(tag, f"source.{i}.").model_copy(update={"is_base": tag(f"source.{i}.role") == "base", "adapter": adapter}))
         found.append(VersionLineage(
             version=str(v.version), run_id=v.run_id, method=tag("method"), output_hash=tag("output_hash"),
             recipe_sha256=tag("recipe_sha256"), sources=records, gate=tag("gate"), gate_reasons=tag("gate.reasons"),

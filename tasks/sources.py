@@ -13,9 +13,10 @@ from tasks.retries import NETWORK
 
 
 @task(name="resolve_model", task_run_name="resolve-{ref}", **NETWORK)
-def resolve_model(ref: ModelRef, base_dir: Path, endpoint: str | None = None) -> Source:
-    """Pin a model reference to a commit sha (Hub) or a folder (local; relative paths: cwd, then ``base_dir``)."""
-    source = resolve_source(ref, base_dir=base_dir, endpoint=endpoint)
+def resolve_model(ref: ModelRef, base_dir: Path, endpoint: str | None = None, base: ModelRef | None = None) -> Source:
+    """Pin a model reference (and its adapter) to a commit sha (Hub) or a folder (local; relative paths: cwd, then
+    ``base_dir``); an adapter listed alone is applied to ``base``, the recipe's base model."""
+    source = resolve_source(ref, base_dir=base_dir, endpoint=endpoint, base=base)
     get_run_logger().info("%s -> %s", ref.key, source.label)
     return source
 
@@ -32,6 +33,6 @@ def download_model(
 ) -> Source:
     """Download a Hub model at its pinned commit; local folders pass through."""
     downloaded = download_source(source, endpoint=endpoint, cache_dir=cache_dir, extra_patterns=extra_patterns)
-    if source.repo_id is not None:
+    if source.repo_id is not None or (source.adapter and source.adapter.repo_id is not None):
         get_run_logger().info("downloaded %s to %s", source.label, downloaded.path)
     return downloaded

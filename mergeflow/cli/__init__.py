@@ -347,8 +347,7 @@ def lineage(
         branch = root.add(f"version {v.version}  run {v.run_id}")
         sources = branch.add("sources")
         for s in sorted(v.sources, key=lambda s: not s.is_base):
-            where = f"{s.repo_id} @ {s.commit_sha}" if s.repo_id else f"{s.key} (local: {s.path})"
-            sources.add(f"{'base    ' if s.is_base else 'source  '}{where}" + (f"  (asked: {s.revision})" if s.revision else ""))
+            sources.add(f"{'base    ' if s.is_base else 'source  '}{s.pinned}" + (f"  (asked: {s.revision})" if s.revision else ""))
         merged = branch.add(f"merged  {v.method} -> content sha256 {v.output_hash}  (recipe sha256 {v.recipe_sha256})")
         gate = "passed" if v.gate == "passed" else f"failed: {v.gate_reasons}" if v.gate == "failed" else "not recorded"
         merged.add(f"gate    {gate}")
