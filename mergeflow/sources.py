@@ -16,7 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from merge_ops.errors import ModelNotFoundError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
@@ -54,8 +54,9 @@ class Source(BaseModel):
     """The commit that is merged (Hub sources)."""
     path: Path | None = None
     is_base: bool = False
-    adapter: Source | None = None
-    """The LoRA adapter applied to this model, pinned the same way (its ``key`` is the adapter as written)."""
+    adapter: Source | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The LoRA adapter applied to this model, pinned the same way (its ``key`` is the adapter as written); left out
+    of serialized records when there is none, so records of models without adapters read as before."""
 
     @property
     def label(self) -> str:

@@ -65,15 +65,21 @@ def write_recipe_variant(params: MergeParams, out: Path, rename: dict[str, str] 
 
 def write_sources_record(sources: list[Source], out: Path) -> Path:
     """The pinned sources (folders relative to the working directory); the base is the recipe's to say."""
-    pinned = [s.model_copy(update={"path": _relative(s.path)}) for s in sources]
-    text = SourcesRecord(sources=pinned).model_dump_json(indent=2, exclude={"sources": {"__all__": {"is_base"}}})
+    def relative(s: Source) -> Source:
+        return s.model_copy(update={"path": _relative(s.path), "adapter": relative(s.adapter) if s.adapter else None})
+
+    pinned = [relative(s) for s in sources]
+    text = SourcesRecord(sources=pinned).model_dump_json(indent=2, exclude={"sources": {"__all__": {"is_base": True, "adapter": {"is_base"}}}})
     return write_atomic(out, text + "\n")
 
 
 def read_sources_record(path: Path) -> list[Source]:
     """The sources written by the merge stage; relative folders are taken from the working directory."""
     record = SourcesRecord.model_validate_json(Path(path).read_text())
-    return [s.model_copy(update={"path": Path(s.path).resolve() if s.path else None}) for s in record.sources]
+    def located(s: Source) -> Source:
+        return s.model_copy(update={"path": Path(s.path).resolve() if s.path else None, "adapter": located(s.adapter) if s.adapter else None})
+
+    return [located(s) for s in record.sources]
 
 
 def write_merge_log(summary: RunSummary, out: Path) -> Path:

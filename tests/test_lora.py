@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from lora_helpers import make_adapter, merged_by_peft
+from method_cases import NAMES, recipe_for
 from safetensors.torch import load_file
 from tiny_family import CONFIG
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -59,20 +60,15 @@ def test_an_adapter_alone_is_the_base_with_its_update(name: str, family: dict[st
     assert changed, "the adapter must change the weights it targets"
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp", "dare_linear"])
-def test_adapter_sources_merge_like_peft_merged_models(method: str, family: dict[str, Path], adapters, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", NAMES)
+def test_every_method_merges_adapter_sources_like_peft_merged_models(method: str, family: dict[str, Path], adapters, tmp_path: Path) -> None:
+    """Two adapted models among the sources (BASE+ADAPTER, one with rank and alpha patterns) against the same recipe
+    over the folders PEFT's merge_and_unload wrote."""
     (lora, lora_ref), (patterns, patterns_ref) = adapters["lora"], adapters["patterns"]
-    base = str(family["base"])
-    params = {"t": 0.5} if method == "slerp" else {}
-
-    def recipe(first: str, second: str) -> dict:
-        models = [first] if method == "slerp" else [first, second]
-        weights = {} if method == "slerp" else {"weight": 0.6, "density": 0.7} if method != "task_arithmetic" else {"weight": 0.6}
-        return {"merge_method": method, "base_model": base, "models": [{"model": m, "parameters": weights} for m in models],
-                "parameters": params, "dtype": "float32", "seed": 1}
-
-    got = merged_tensors(recipe(f"{base}+{lora}", f"{base}+{patterns}"), tmp_path / "adapters")
-    want = merged_tensors(recipe(str(lora_ref), str(patterns_ref)), tmp_path / "peft")
+    adapted = {**family, "ft_a": f"{family['base']}+{lora}", "ft_b": f"{family['base']}+{patterns}"}
+    by_peft = {**family, "ft_a": lora_ref, "ft_b": patterns_ref}
+    got = merged_tensors(recipe_for(method, adapted, dtype="float32", seed=1), tmp_path / "adapters")
+    want = merged_tensors(recipe_for(method, by_peft, dtype="float32", seed=1), tmp_path / "peft")
     assert_close(got, want)
 
 
