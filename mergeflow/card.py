@@ -3,7 +3,9 @@
 ``write_hub_card`` extends the engine's README.md (front matter + recipe) with the Hub's merge conventions:
 ``base_model`` lists the sources' Hub ids, ``base_model_relation: merge``, ``tags`` include ``merge``,
 ``mergeflow`` and the method, ``library_name: transformers`` and a ``model-index`` with the lm-eval results;
-the body gains an evaluation table and a lineage table. It holds nothing run-specific (no run ids, no times),
+the body gains an evaluation table and a lineage table. A merged LoRA adapter (a folder with adapter_config.json)
+follows the Hub's adapter conventions instead: ``library_name: peft``, ``base_model`` the base it adapts,
+``base_model_relation: adapter``, tags ``lora`` and ``peft``. It holds nothing run-specific (no run ids, no times),
 so the same model and scores give the same card, and publishing it again makes no commit.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ import yaml
 from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCardData
 
+from merge_ops.lora import ADAPTER_CONFIG
 from mergeflow.evaluation import EvalResult
 from mergeflow.lineage import Lineage
 
@@ -66,7 +69,9 @@ def _lineage_section(lineage: Lineage) -> list[str]:
     return lines + ["", f"Recipe sha256 `{lineage.recipe_sha256}`."]
 
 
-def hub_card(card_text: str, *, lineage: Lineage, merged: EvalResult, sources: dict[str, EvalResult] | None = None, model_name: str) -> str:
+def hub_card(
+    card_text: str, *, lineage: Lineage, merged: EvalResult, sources: dict[str, EvalResult] | None = None, model_name: str, adapter: bool = False,
+) -> str:
     """The engine's card ``card_text`` with Hub merge metadata, evaluation and lineage.
 
     Args:
@@ -75,12 +80,13 @@ def hub_card(card_text: str, *, lineage: Lineage, merged: EvalResult, sources: d
         merged: the merged model's evaluation (the ``model-index``).
         sources: source key -> its evaluation, shown next to the merged model's scores.
         model_name: the ``model-index`` name (the repo's name).
+        adapter: the card of a merged LoRA adapter (adapter conventions), not of a merged model.
     """
     meta, body = _split_card(card_text)
     body = body.split(CARD_MARK)[0].rstrip() + "\n"
     keep = {k: v for k, v in meta.items() if k not in ("base_model", "base_model_relation", "model-index", "tags", "library_name")}
-    tags = list(dict.fromkeys([*(meta.get("tags") or []), "merge", "mergeflow", lineage.method]))
-    hub_ids = lineage.hub_base_models
+    tags = list(dict.fromkeys([*(meta.get("tags") or []), "merge", "mergeflow", lineage.method, *(("lora", "peft") if adapter else ())]))
+    hub_ids = [s.repo_id for s in lineage.sources if s.is_base and s.repo_id] if adapter else lineage.hub_base_models
     results = [
         HubEvalResult(
             task_type="text-generation", dataset_type=task_name, dataset_name=task_name, metric_type=metric.split("/")[0],
@@ -88,9 +94,9 @@ def hub_card(card_text: str, *, lineage: Lineage, merged: EvalResult, sources: d
         )
         for task_name, metric in merged.primary.items()
     ]
-    relation: dict[str, Any] = {"base_model_relation": "merge"} if hub_ids else {}
+    relation: dict[str, Any] = {"base_model_relation": "adapter" if adapter else "merge"} if hub_ids else {}
     data = ModelCardData(
-        base_model=hub_ids or None, library_name="transformers", tags=tags, model_name=model_name, eval_results=results or None,
+        base_model=(hub_ids[0] if adapter else hub_ids) if hub_ids else None, library_name="peft" if adapter else "transformers", tags=tags, model_name=model_name, eval_results=results or None,
         **relation, **keep,
     )
     names = {s.key: s.label for s in lineage.sources}
@@ -99,8 +105,9 @@ def hub_card(card_text: str, *, lineage: Lineage, merged: EvalResult, sources: d
 
 
 def write_hub_card(folder: Path, *, lineage: Lineage, merged: EvalResult, sources: dict[str, EvalResult] | None = None, model_name: str | None = None) -> Path:
-    """Rewrite ``folder``/README.md as the Hub card (see ``hub_card``); returns its path. Idempotent."""
+    """Rewrite ``folder``/README.md as the Hub card (see ``hub_card``; adapter conventions for an adapter folder); returns its path. Idempotent."""
     card = Path(folder) / "README.md"
     text = card.read_text() if card.is_file() else ""
-    card.write_text(hub_card(text, lineage=lineage, merged=merged, sources=sources, model_name=model_name or Path(folder).name))
+    adapter = (Path(folder) / ADAPTER_CONFIG).is_file()
+    card.write_text(hub_card(text, lineage=lineage, merged=merged, sources=sources, model_name=model_name or Path(folder).name, adapter=adapter))
     return card

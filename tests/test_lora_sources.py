@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from huggingface_hub import HfApi
 from lora_helpers import make_adapter
 from pipeline_helpers import folder_bytes, hub_online, push, write_recipe
@@ -129,6 +130,11 @@ def test_lineage_records_each_adapter_with_its_commit(tmp_path: Path) -> None:
                                                                 raw_path=tmp_path / "raw.json", lm_eval_version="0", seconds=0.0), model_name="m")
     assert f"| LoRA adapter on the row above | `org/lora` | main | `{'a' * 40}` |" in card
     assert source.pinned == f"org/base @ {'b' * 40} + adapter org/lora @ {'a' * 40}"
+    adapter_card = hub_card("# merged\n", lineage=lineage, merged=EvalResult(model_dir=tmp_path, content_hash="h", cache_key="k", tasks=[], metrics={},
+                            primary={}, groups=[], raw_path=tmp_path / "raw.json", lm_eval_version="0", seconds=0.0), model_name="m", adapter=True)
+    meta = yaml.safe_load(adapter_card.split("---\n")[1])
+    assert (meta["library_name"], meta["base_model"], meta["base_model_relation"]) == ("peft", "org/base", "adapter")
+    assert {"lora", "peft", "merge"} <= set(meta["tags"])
 
 
 @pytest.mark.slow
