@@ -173,6 +173,12 @@ def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     return found + _shape_findings(other.key, ref.key, pairs, _vocab_difference(ref, other))
 
 
+def pair_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
+    """What keeps ``other`` from lining up with ``ref`` tensor for tensor: architecture, shape-fixing config keys,
+    vocabulary, tensor names and shapes (all problems)."""
+    return _config_findings(ref, other) + _tensor_findings(ref, other)
+
+
 def _slice_reference(sl: Slice, reference: str) -> SliceSource:
     """The source a slice's others are compared with: the recipe's reference model when it is in the slice."""
     keys = [s.model.key for s in sl.sources]

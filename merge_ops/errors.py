@@ -30,10 +30,10 @@ class ModelNotFoundError(MergeflowError, FileNotFoundError):
 class IncompatibleModelsError(MergeflowError, ValueError):
     """Input models cannot be merged together (shapes, names or architecture differ)."""
 
-    def __init__(self, mismatches: list[str]) -> None:
+    def __init__(self, mismatches: list[str], *, summary: str = "the models cannot be merged") -> None:
         self.mismatches = mismatches
         lines = "\n".join(f"  - {m}" for m in mismatches)
-        super().__init__(f"the models cannot be merged ({len(mismatches)} mismatch(es)):\n{lines}")
+        super().__init__(f"{summary} ({len(mismatches)} mismatch(es)):\n{lines}")
 
 
 class OutputExistsError(MergeflowError, FileExistsError):
@@ -42,6 +42,10 @@ class OutputExistsError(MergeflowError, FileExistsError):
     def __init__(self, path: str) -> None:
         self.path = path
         super().__init__(f"{path} already exists: choose another output path or pass --force to replace it")
+
+
+class ExtractionError(MergeflowError, ValueError):
+    """A LoRA extraction cannot run as asked: an option out of range, or nothing to extract."""
 
 
 class DeviceError(MergeflowError, RuntimeError):

@@ -137,6 +137,49 @@ def demo_models(
     Console().print(f"demo family {state}: " + ", ".join(f"{name} -> {path}" for name, path in summary.models.items()))
 
 
+@app.command("extract-lora")
+@friendly_errors
+def extract_lora(
+    model: Annotated[Path, typer.Argument(help="The fine-tuned model folder (safetensors).")],
+    base: Annotated[Path, typer.Argument(help="The base model folder it was fine-tuned from; written as the adapter's base_model_name_or_path.")],
+    out: Annotated[Path, typer.Argument(help="The adapter folder to write (written atomically).")],
+    rank: Annotated[int | None, typer.Option("--rank", min=1, help="The rank of every module (capped by its smaller dimension).")] = None,
+    max_error: Annotated[float | None, typer.Option("--max-error", help="Instead of --rank: the relative error each module may keep, in [0, 1); each gets the smallest rank that fits.")] = None,
+    max_rank: Annotated[int | None, typer.Option("--max-rank", min=1, help="The largest rank --max-error may pick.")] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract the embeddings and lm_head (PEFT embedding / linear adapters).")] = False,
+    modules_to_save: Annotated[bool, typer.Option("--modules-to-save", help="Store modules with other changed tensors (norms, biases, embeddings without --embeddings) whole.")] = False,
+    dtype: Annotated[str | None, typer.Option(help="dtype of the factors: float32, bfloat16 or float16 (default: the model's).")] = None,
+    device: Annotated[str, typer.Option(help="Where the SVDs run: cpu, cuda or cuda:N.")] = "cpu",
+    show: Annotated[int, typer.Option(help="Rows per table; with more modules, the worst by error.")] = 20,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+) -> None:
+    """Write a PEFT LoRA adapter OUT from MODEL - BASE: a truncated SVD of each linear module's task vector, one module at a time.
+
+    Prints each module's rank and relative error ||D - BA|| / ||D||, the changed tensors the adapter does not capture,
+    and the overall error.
+    """
+    from merge_ops.lora_extract import extract_lora as run_extraction
+    from mergeflow.cli.lora_report import print_extraction
+
+    if (rank is None) == (max_error is None):
+        raise typer.BadParameter("give exactly one of --rank R (a fixed rank) and --max-error E (a relative error budget)", param_hint="--rank / --max-error")
+    if max_error is not None and not 0 <= max_error < 1:
+        raise typer.BadParameter(f"{max_error} is not in [0, 1)", param_hint="--max-error")
+    if max_rank is not None and max_error is None:
+        raise typer.BadParameter("--max-rank caps the ranks --max-error picks; with --rank it has no use", param_hint="--max-rank")
+    started = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} tensors"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("extracting LoRA", total=None)
+        report = run_extraction(
+            model, base, out, rank=rank, max_error=max_error, max_rank=max_rank, embeddings=embeddings, modules_to_save=modules_to_save,
+            dtype=dtype, device=device, force=force, progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    footer = f"{human(report.adapter_bytes)} written in {elapsed:.1f} s, peak RSS {human(peak)}"
+    print_extraction(report, Console(), show=show, max_error=max_error, footer=footer)
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters."""
