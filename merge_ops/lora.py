@@ -57,6 +57,29 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def module_scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """The adapter's scale for ``module`` of rank ``rank``: ``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``), alpha from ``alpha_pattern``."""
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def read_adapter_config(key: str, folder: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT LoRA adapter folder.
+
+    Raises:
+        ModelNotFoundError: not an adapter folder, not LoRA, or an option in ``UNSUPPORTED`` (named).
+    """
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
+    config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelNotFoundError(key, f"{config['peft_type']} adapters are not supported; mergeflow applies LoRA adapters only")
+    used = [name for option, name in UNSUPPORTED.items() if config.get(option)]
+    if used:
+        raise ModelNotFoundError(key, f"the adapter uses {', '.join(used)}, which mergeflow does not apply; merge it with PEFT's merge_and_unload first")
+    return config
+
+
 def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]]) -> AdapterPatch:
     """The patch a PEFT LoRA adapter folder makes to a base whose tensors have the shapes ``base_tensors``.
 
@@ -65,19 +88,12 @@ def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]
             a module the base lacks or whose shape does not fit.
     """
     folder = Path(folder).resolve()
-    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ModelNotFoundError(key, f"{config['peft_type']} adapters are not supported; mergeflow applies LoRA adapters only")
-    used = [name for option, name in UNSUPPORTED.items() if config.get(option)]
-    if used:
-        raise ModelNotFoundError(key, f"the adapter uses {', '.join(used)}, which mergeflow does not apply; merge it with PEFT's merge_and_unload first")
+    config = read_adapter_config(key, folder)
     file = str(folder / ADAPTER_WEIGHTS)
     with safe_open(file, framework="pt") as handle:
         shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
         dtypes = {name: handle.get_slice(name).get_dtype() for name in shapes}
-    rslora, alpha, fan_in_fan_out = bool(config.get("use_rslora")), float(config.get("lora_alpha", 8)), bool(config.get("fan_in_fan_out"))
+    fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     terms: dict[str, LoraTerm] = {}
     replaced: dict[str, tuple[str, str, str]] = {}
     problems = []
@@ -94,9 +110,7 @@ def read_adapter(key: str, folder: Path, base_tensors: dict[str, tuple[int, ...]
                 if delta is None or expected is None or (delta[::-1] if transpose else delta) != expected:
                     problems.append(f"{module}: the adapter's update {delta} does not fit the base's {target} {expected}")
                     break
-                module_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
-                scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-                terms[target] = LoraTerm(file=file, a=name, b=b, scale=scale, transpose=transpose)
+                terms[target] = LoraTerm(file=file, a=name, b=b, scale=module_scale(config, module, rank), transpose=transpose)
                 break
         else:
             if ".lora_" in local:

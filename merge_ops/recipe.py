@@ -126,7 +126,7 @@ class TokenizerConfig(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A merge recipe (mergekit schema, plus an optional ``seed`` for random methods).
+    """A merge recipe (mergekit schema, plus an optional ``seed`` for random methods and ``output``).
 
     Loaded once per run (``merge_ops.recipe_file.load_recipe``), it carries the text it was read from and
     that file's path, for the plan, the model card and the lineage.
@@ -147,6 +147,8 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     name: str | None = None
     seed: int = 0
+    output: Literal["model", "adapter"] = "model"
+    """``adapter``: combine LoRA adapters of one base into one adapter (``merge_method`` a PEFT combination type)."""
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
