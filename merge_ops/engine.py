@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -13,11 +11,12 @@ from pathlib import Path
 
 import torch
 
-from merge_ops.errors import DeviceError, OutputExistsError
+from merge_ops.errors import DeviceError
 from merge_ops.lora import apply_lora
 from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.methods.registry import get_method
 from merge_ops.model_folder import write_model_files
+from merge_ops.output_folder import staged_output
 from merge_ops.plan import MergePlan, TensorJob, torch_dtype
 from merge_ops.safetensors_io import DTYPE_NAMES, StreamingSafetensorsWriter, TensorBlocks, tensor_nbytes
 
@@ -202,18 +201,7 @@ def merge_model(
 
     Returns shard file -> sha256. ``out_dir`` never holds a partial model.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise OutputExistsError(str(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with staged_output(out_dir, force=force) as staging:
         hashes = {s.file: merge_shard(plan, i, staging, device=device, progress=progress) for i, s in enumerate(plan.shards)}
         finalize(plan, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return hashes

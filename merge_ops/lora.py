@@ -83,7 +83,7 @@ class AdapterHeaders(BaseModel):
     def describe(self) -> str:
         """Rank, alpha, scale and targets, for the compatibility report."""
         ranks, alpha, rslora = self.modules, float(self.config.get("lora_alpha", 8)), bool(self.config.get("use_rslora"))
-        scales = sorted({_scale(self.config, module, rank) for module, rank in ranks.items()})
+        scales = sorted({module_scale(self.config, module, rank) for module, rank in ranks.items()})
         kinds = sorted({module.rsplit(".", 1)[-1] for module in ranks})
         text = (f"r={'/'.join(map(str, sorted(set(ranks.values())))) or '-'}, lora_alpha={alpha:g}{', rsLoRA' if rslora else ''}, "
                 f"scale {'/'.join(f'{s:g}' for s in scales) or '-'}, {len(ranks)} modules ({', '.join(kinds)})")
@@ -99,10 +99,23 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _scale(config: dict[str, Any], module: str, rank: int) -> float:
-    """``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``), with ``alpha_pattern`` applied to the module."""
+def module_scale(config: dict[str, Any], module: str, rank: int) -> float:
+    """The adapter's scale for ``module`` of rank ``rank``: ``lora_alpha / r`` (rsLoRA: ``/ sqrt(r)``), alpha from ``alpha_pattern``."""
     alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8)))
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def read_adapter_config(key: str, folder: Path) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT LoRA adapter folder, checked (``check_adapter_config``).
+
+    Raises:
+        ModelNotFoundError: not an adapter folder, not LoRA, or an option in ``UNSUPPORTED`` (named).
+    """
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
+    config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
+    check_adapter_config(key, config)
+    return config
 
 
 def check_adapter_config(key: str, config: dict[str, Any]) -> None:
@@ -130,10 +143,7 @@ def read_adapter_headers(key: str, folder: Path, card_base_model: list[str] | No
         ModelNotFoundError: not an adapter folder, or an adapter type or option mergeflow does not apply (named).
     """
     folder = Path(folder).resolve()
-    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-        raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
-    config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    check_adapter_config(key, config)
+    config = read_adapter_config(key, folder)
     with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as handle:
         slices = {name: handle.get_slice(name) for name in handle.keys()}
         tensors = {name: (part.get_dtype(), tuple(part.get_shape())) for name, part in slices.items()}
@@ -161,7 +171,7 @@ def adapter_patch(adapter: AdapterHeaders, base_tensors: dict[str, tuple[int, ..
                     problems.append(f"{module}: no {b} beside its lora_A" if delta is None else f"{module}: the base has no {target}" if expected is None
                                     else f"{module}: the adapter's update {delta} does not fit the base's {target} {expected}")
                     break
-                terms[target] = LoraTerm(file=ADAPTER_WEIGHTS, a=name, b=b, scale=_scale(adapter.config, module, shape[0]), transpose=transpose)
+                terms[target] = LoraTerm(file=ADAPTER_WEIGHTS, a=name, b=b, scale=module_scale(adapter.config, module, shape[0]), transpose=transpose)
                 break
         else:
             if ".lora_" in local:

@@ -296,6 +296,8 @@ def plan_merge(
     """
     if compute_dtype not in COMPUTE_DTYPES:
         raise RecipeError([f"compute dtype {compute_dtype!r} -> use one of {', '.join(COMPUTE_DTYPES)}"])
+    if recipe.output == "adapter":
+        raise RecipeError(["output: an `output: adapter` recipe is planned by merge_ops.adapter_merge.plan_adapter_merge, not plan_merge"])
     method = get_method(recipe.merge_method)
     given = read_models(recipe) if models is None else models
     models = {ref.key: given[ref.key] for ref in recipe.referenced_models}

@@ -128,7 +128,7 @@ class TokenizerConfig(BaseModel):
 
 
 class Recipe(BaseModel):
-    """A merge recipe (mergekit schema, plus mergeflow's optional ``seed`` for random methods and
+    """A merge recipe (mergekit schema, plus mergeflow's optional ``seed`` for random methods, ``output`` and
     ``allow_adapter_base_mismatch``).
 
     Loaded once per run (``merge_ops.recipe_file.load_recipe``), it carries the text it was read from and
@@ -150,6 +150,8 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     name: str | None = None
     seed: int = 0
+    output: Literal["model", "adapter"] = "model"
+    """``adapter``: combine LoRA adapters of one base into one adapter (``merge_method`` a PEFT combination type)."""
     allow_adapter_base_mismatch: bool = False
     """Apply LoRA adapters to a base other than the one they declare (a warning instead of a problem)."""
 

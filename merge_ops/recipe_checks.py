@@ -1,8 +1,12 @@
-"""Checks of a parsed recipe against its merge method's declared parameters."""
+"""Checks of a parsed recipe against its merge method's declared parameters (or, with ``output: adapter``, against
+PEFT's combination types)."""
 from __future__ import annotations
 
 import logging
 
+from pydantic import ValidationError
+
+from merge_ops.adapter_combination import COMBINATIONS, Combination, CombinationOptions
 from merge_ops.errors import RecipeError
 from merge_ops.methods.declaration import MergeMethod
 from merge_ops.methods.registry import METHODS, get_method
@@ -44,6 +48,8 @@ def _missing_required(method: MergeMethod, levels: list[Parameters], where: str,
 
 def method_problems(recipe: Recipe) -> list[str]:
     """Every problem of ``recipe`` with respect to its method, each with its key path."""
+    if recipe.output == "adapter":
+        return adapter_problems(recipe)
     try:
         method = get_method(recipe.merge_method)
     except RecipeError as err:
@@ -75,3 +81,63 @@ def method_problems(recipe: Recipe) -> list[str]:
             if not (method.base != "none" and model == base):
                 problems += _missing_required(method, [params, slice_params, recipe.parameters], f"{where}[{j}] ({model})", per_model=True)
     return problems
+
+
+def _combination_options_problems(params: Parameters, combination: Combination | None, name: str) -> list[str]:
+    problems = []
+    fields = CombinationOptions.model_fields
+    try:
+        CombinationOptions.model_validate(params)
+    except ValidationError as err:
+        for e in err.errors():
+            where = f"parameters.{e['loc'][0]}"
+            if e["type"] == "extra_forbidden":
+                problems.append(f"{where}: unknown parameter of adapter merges; allowed: {', '.join(fields)}")
+            else:
+                problems.append(f"{where}: {e['input']!r} -> {e['msg']}")
+    if combination is None:
+        return problems
+    for param in params:
+        if param in fields and param not in combination.parameters:
+            users = [n for n, c in COMBINATIONS.items() if param in c.parameters]
+            problems.append(f"parameters.{param}: not used by {name}; remove it (it is read by {', '.join(users)})")
+    problems += [f"parameters: {param} is required by {name} ({fields[param].description})" for param in combination.required if param not in params]
+    return problems
+
+
+def _adapter_model_problems(recipe: Recipe) -> list[str]:
+    """Every model an adapter of one base, with one number as its weight."""
+    models = recipe.models or []
+    problems = [] if models or recipe.models is None else ["models: give at least one adapter"]
+    base = recipe.base_model
+    if base is not None and base.adapter:
+        problems.append(f"base_model: {base} is an adapter; name the base model the adapters were trained on")
+    for j, m in enumerate(models):
+        ref = m.model
+        if ref.adapter is None:
+            problems.append(f"models[{j}].model: {ref} is not an adapter; with `output: adapter` write BASE+ADAPTER (the base model, then the adapter)")
+        else:
+            base = base or ModelRef(path=ref.path, revision=ref.revision)
+            if (ref.path, ref.revision) != (base.path, base.revision):
+                problems.append(f"models[{j}].model: its base {ref.key.partition('+')[0]} is not {base}; adapter merges need adapters of one base")
+        for name in m.parameters:
+            if name != "weight":
+                problems.append(f"models[{j}].parameters.{name}: adapters take only `weight`; set {name} in the top-level `parameters`")
+        weight = m.parameters.get("weight")
+        if weight is None:
+            problems.append(f"models[{j}].parameters.weight: required: a number, the adapter's share (negative subtracts it)")
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            problems.append(f"models[{j}].parameters.weight: {weight!r} -> one number (gradients and filters do not apply to adapter merges)")
+    return problems
+
+
+def adapter_problems(recipe: Recipe) -> list[str]:
+    """Every problem of an ``output: adapter`` recipe, each with its key path."""
+    combination = COMBINATIONS.get(recipe.merge_method)
+    problems = [] if combination else [
+        f"merge_method: {recipe.merge_method!r} is not one of PEFT's combination types, which `output: adapter` uses: {', '.join(COMBINATIONS)}"
+    ]
+    for key in ("slices", "tokenizer_source", "tokenizer", "chat_template"):
+        if getattr(recipe, key) is not None:
+            problems.append(f"{key}: not used with `output: adapter`, which combines whole adapters (no layers, no tokenizer); remove it")
+    return problems + _adapter_model_problems(recipe) + _combination_options_problems(recipe.parameters, combination, recipe.merge_method)

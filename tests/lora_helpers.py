@@ -12,7 +12,7 @@ def make_adapter(base: Path, out: Path, seed: int, **options: object) -> Path:
     """A PEFT LoRA adapter of ``base`` with every LoRA factor random (PEFT starts B at zero, which adds nothing)."""
     torch.manual_seed(seed)
     model = LlamaForCausalLM.from_pretrained(base)
-    tuned = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **options))
+    tuned = peft.get_peft_model(model, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **options}))
     with torch.no_grad():
         for name, parameter in tuned.named_parameters():
             if "lora_" in name or "modules_to_save" in name:

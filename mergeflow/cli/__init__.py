@@ -13,10 +13,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from merge_ops import sizes
+from merge_ops.adapter_merge import AdapterMergePlan, ModuleJob, merge_adapters, plan_adapter_merge
 from merge_ops.engine import Piece, check_device, merge_model, peak_memory_estimate
 from merge_ops.errors import OutputExistsError
 from merge_ops.methods.registry import METHODS
 from merge_ops.plan import MergePlan, plan_merge
+from merge_ops.recipe import Recipe
 from merge_ops.recipe_file import load_recipe
 from mergeflow import settings
 from mergeflow.cli.console_errors import console, friendly_errors
@@ -47,15 +49,39 @@ def human(nbytes: float) -> str:
     return ""
 
 
-def _plan(recipe_path: Path, shard_size: str, compute_dtype: str) -> MergePlan:
-    return plan_merge(load_recipe(recipe_path), shard_size=parse_size(shard_size), compute_dtype=compute_dtype)
+def _plan(recipe: Recipe, shard_size: str, compute_dtype: str) -> MergePlan:
+    return plan_merge(recipe, shard_size=parse_size(shard_size), compute_dtype=compute_dtype)
+
+
+def _show_adapter_plan(plan: AdapterMergePlan) -> None:
+    """Modules by kind (the last part of their names): how many, how many adapters have them, output rank, bytes."""
+    kinds: dict[str, list[ModuleJob]] = {}
+    for module in plan.modules:
+        kinds.setdefault(module.name.rsplit(".", 1)[-1], []).append(module)
+    table = Table(title=f"{plan.combination} merge of {len(plan.adapters)} adapter(s) into one adapter of {plan.base_model}")
+    for column in ("module", "count", "adapters", "rank", "bytes"):
+        table.add_column(column, justify="right" if column != "module" else "left")
+
+    def span(values: set[int]) -> str:
+        return f"{min(values)}-{max(values)}" if len(values) > 1 else str(min(values))
+
+    for kind, modules in kinds.items():
+        table.add_row(kind, str(len(modules)), span({len(m.inputs) for m in modules}), span({m.rank for m in modules}),
+                      human(sum(plan.module_size(m) for m in modules)))
+    Console().print(table)
+    Console().print(f"modules: {len(plan.modules)}   r: {plan.config['r']}   read: {human(plan.input_bytes)}   write: {human(plan.total_size)}")
 
 
 @app.command()
 @friendly_errors
 def plan(recipe: Path, shard_size: ShardSize = "5GB", compute_dtype: ComputeDtype = "float32") -> None:
-    """Show what a recipe will do: shards, tensor count, bytes to read and write, expected peak memory."""
-    merge_plan = _plan(recipe, shard_size, compute_dtype)
+    """Show what a recipe will do: shards, tensor count, bytes to read and write, expected peak memory
+    (for `output: adapter`: modules, ranks and bytes)."""
+    loaded = load_recipe(recipe)
+    if loaded.output == "adapter":
+        _show_adapter_plan(plan_adapter_merge(loaded))
+        return
+    merge_plan = _plan(loaded, shard_size, compute_dtype)
     table = Table(title=f"{merge_plan.method} merge of {len(merge_plan.sources)} model(s), {merge_plan.num_layers} layers")
     for column in ("shard", "tensors", "bytes"):
         table.add_column(column, justify="right" if column != "shard" else "left")
@@ -79,11 +105,20 @@ def merge(
     compute_dtype: ComputeDtype = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
-    """Merge the models of RECIPE into the folder OUT (written atomically)."""
+    """Merge the models of RECIPE into the folder OUT (written atomically); with `output: adapter`, its adapters
+    into one adapter folder."""
     torch.set_num_threads(max(1, threads))
     check_device(device)
-    merge_plan = _plan(recipe, shard_size, compute_dtype)
+    loaded = load_recipe(recipe)
     started = time.perf_counter()
+    if loaded.output == "adapter":
+        adapter_plan = plan_adapter_merge(loaded)
+        digest = merge_adapters(adapter_plan, out, device=device, force=force)
+        Console().print(f"merged {len(adapter_plan.adapters)} adapter(s) ({adapter_plan.combination}) into {out}: {len(adapter_plan.modules)} modules, "
+                        f"r {adapter_plan.config['r']}, {human(adapter_plan.total_size)} written in {time.perf_counter() - started:.1f} s\n"
+                        f"adapter_model.safetensors sha256 {digest}")
+        return
+    merge_plan = _plan(loaded, shard_size, compute_dtype)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"merging ({merge_plan.method})", total=merge_plan.total_size, tensors="")
