@@ -1,4 +1,5 @@
-"""The merge pipeline: resolve sources -> check compatibility -> download -> plan -> merge shards -> finalize.
+"""The merge pipeline: resolve sources -> check compatibility -> download -> plan -> merge shards -> finalize; for
+``output: adapter`` recipes, download the adapters -> combine them into one adapter folder.
 
 Run it with ``mergeflow run RECIPE OUT``, on a schedule with ``mergeflow serve RECIPE --cron ...``, or call it:
 
@@ -23,7 +24,7 @@ from tasks.checks import check_compatibility, check_weight_space
 from tasks.recipe import load_recipe
 from tasks.shards import finalize_model, merge_shard, plan_shards
 from tasks.sources import download_model, read_model_headers, resolve_model
-from tasks.summary import summarize_run
+from tasks.summary import merge_adapter, summarize_run
 
 
 class PreparedSources(NamedTuple):
@@ -45,9 +46,10 @@ def prepare_sources(
     headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
     report = check_compatibility(recipe, headers)
 
-    # Download the weights, then check each model is a fine-tune of the base
-    sources = download_model.map(resolved, unmapped(endpoint), unmapped(cache_dir), unmapped(extra_patterns)).result()
-    return PreparedSources(sources, headers, check_weight_space(recipe, report, headers, sources))
+    # Download the weights, then check each model is a fine-tune of the base (an adapter merge needs only the adapters)
+    adapters_only = recipe.output == "adapter"
+    sources = download_model.map(resolved, unmapped(endpoint), unmapped(cache_dir), unmapped(extra_patterns), unmapped(adapters_only)).result()
+    return PreparedSources(sources, headers, report if adapters_only else check_weight_space(recipe, report, headers, sources))
 
 
 def _run_name() -> str:
@@ -81,6 +83,8 @@ def merge_pipeline(
     # Load the recipe; pin, check, download and check the models again in weight space
     parsed = load_recipe(recipe)
     sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns)
+    if parsed.output == "adapter":  # adapters of one base combined into one adapter: their factors only
+        return merge_adapter(parsed, sources, report, out, device, force)
 
     # Plan into a staging folder; merge the shards in parallel (shards already there are skipped)
     staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force)

@@ -272,10 +272,8 @@ def plan_adapters(
 
 
 def adapter_folder(ref: ModelRef) -> str:
-    """The adapter of a recipe model: ``ADAPTER`` of ``BASE+ADAPTER``."""
-    if ref.adapter_ref is None:
-        raise RecipeError([f"{ref.key}: not an adapter; with `output: adapter` write BASE+ADAPTER"])
-    return ref.adapter_ref.path
+    """The adapter of a recipe model: ``ADAPTER`` of ``BASE+ADAPTER``, else the model itself (an adapter listed alone)."""
+    return ref.adapter_ref.path if ref.adapter_ref is not None else ref.path
 
 
 def plan_adapter_merge(recipe: Recipe, folders: Mapping[str, Path] | None = None) -> AdapterMergePlan:

@@ -106,7 +106,7 @@ def _combination_options_problems(params: Parameters, combination: Combination |
 
 
 def _adapter_model_problems(recipe: Recipe) -> list[str]:
-    """Every model an adapter of one base, with one number as its weight."""
+    """Every model an adapter of one base (``BASE+ADAPTER``, or listed alone under ``base_model``), with one number as its weight."""
     models = recipe.models or []
     problems = [] if models or recipe.models is None else ["models: give at least one adapter"]
     base = recipe.base_model
@@ -114,9 +114,10 @@ def _adapter_model_problems(recipe: Recipe) -> list[str]:
         problems.append(f"base_model: {base} is an adapter; name the base model the adapters were trained on")
     for j, m in enumerate(models):
         ref = m.model
-        if ref.adapter is None:
-            problems.append(f"models[{j}].model: {ref} is not an adapter; with `output: adapter` write BASE+ADAPTER (the base model, then the adapter)")
-        else:
+        if ref.adapter is None and recipe.base_model is None:
+            problems.append(f"models[{j}].model: {ref} is not an adapter; with `output: adapter` write BASE+ADAPTER (the base model, then the adapter), "
+                            "or set base_model and list the adapters alone")
+        elif ref.adapter is not None:
             base = base or ModelRef(path=ref.path, revision=ref.revision)
             if (ref.path, ref.revision) != (base.path, base.revision):
                 problems.append(f"models[{j}].model: its base {ref.key.partition('+')[0]} is not {base}; adapter merges need adapters of one base")

@@ -131,6 +131,7 @@ def download_source(
     endpoint: str | None = None,
     cache_dir: Path | None = None,
     extra_patterns: list[str] | None = None,
+    adapter_only: bool = False,
 ) -> Source:
     """Download the pinned commit of a Hub source (weights, configs, tokenizer, card) and of its adapter; local
     folders pass through.
@@ -140,12 +141,13 @@ def download_source(
         endpoint: Hub URL; ``settings.HF_ENDPOINT`` when None.
         cache_dir: download cache; ``settings.HF_CACHE_DIR``, else huggingface_hub's own, when None.
         extra_patterns: more glob patterns to fetch, e.g. ``["*.bin"]`` (never fetched otherwise).
+        adapter_only: fetch only the adapter (adapter-space merges never read the base's weights).
 
     Raises:
         ModelNotFoundError, HubAccessError: permanent; other errors (network) are worth retrying.
     """
     adapter = download_source(source.adapter, endpoint=endpoint, cache_dir=cache_dir) if source.adapter else None
-    if source.repo_id is None:
+    if source.repo_id is None or adapter_only:
         return source.model_copy(update={"adapter": adapter})
     try:
         folder = snapshot_download(

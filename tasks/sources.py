@@ -29,10 +29,10 @@ def read_model_headers(source: Source, endpoint: str | None = None, cache_dir: P
 
 @task(name="download_model", task_run_name="download-{source.key}", **NETWORK)
 def download_model(
-    source: Source, endpoint: str | None = None, cache_dir: Path | None = None, extra_patterns: list[str] | None = None
+    source: Source, endpoint: str | None = None, cache_dir: Path | None = None, extra_patterns: list[str] | None = None, adapter_only: bool = False,
 ) -> Source:
-    """Download a Hub model at its pinned commit; local folders pass through."""
-    downloaded = download_source(source, endpoint=endpoint, cache_dir=cache_dir, extra_patterns=extra_patterns)
+    """Download a Hub model (or only its adapter) at its pinned commit; local folders pass through."""
+    downloaded = download_source(source, endpoint=endpoint, cache_dir=cache_dir, extra_patterns=extra_patterns, adapter_only=adapter_only)
     if source.repo_id is not None or (source.adapter and source.adapter.repo_id is not None):
         get_run_logger().info("downloaded %s to %s", source.label, downloaded.path)
     return downloaded

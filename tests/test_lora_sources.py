@@ -12,6 +12,7 @@ from huggingface_hub import HfApi
 from lora_helpers import make_adapter
 from pipeline_helpers import folder_bytes, hub_online, push, write_recipe
 
+from merge_ops.adapter_merge import merge_adapters, plan_adapter_merge
 from merge_ops.compatibility import compatibility_report
 from merge_ops.engine import merge_model
 from merge_ops.errors import IncompatibleModelsError, RecipeError
@@ -49,6 +50,14 @@ def test_an_adapter_listed_alone_is_applied_to_the_recipe_base(family: dict[str,
     plus = merged(ties(base, [f"{base}+{adapter}", str(family["ft_a"])]), tmp_path / "plus")
     assert alone == plus
     assert alone != merged(ties(base, [base, str(family["ft_a"])]), tmp_path / "without")
+
+
+def test_adapter_outputs_take_adapters_listed_alone(family: dict[str, Path], adapter: Path, tmp_path: Path) -> None:
+    base = str(family["base"])
+    recipe = {"merge_method": "ties", "output": "adapter", "base_model": base, "parameters": {"density": 0.5}}
+    alone = plan_adapter_merge(parse_recipe({**recipe, "models": [{"model": str(adapter), "parameters": {"weight": 0.7}}]}))
+    plus = plan_adapter_merge(parse_recipe({**recipe, "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 0.7}}]}))
+    assert merge_adapters(alone, tmp_path / "alone") == merge_adapters(plus, tmp_path / "plus")
 
 
 def test_an_adapter_listed_alone_needs_a_base_model(family: dict[str, Path], adapter: Path) -> None:
@@ -155,3 +164,28 @@ def test_the_pipeline_merges_adapters_from_a_hub_like_local_folders(
     assert sorted(adapted) == ["org/base+org/lora", "org/lora"]
     assert {s.adapter.commit_sha for s in adapted.values()} == {commits["lora"]}  # type: ignore[union-attr]
     assert summary.compatibility is not None and [f.check for f in summary.compatibility.findings].count("adapter_base") == 2
+
+
+@pytest.mark.slow
+def test_the_pipeline_merges_hub_adapters_into_an_adapter_without_the_base_weights(
+    prefect_api: str, family: dict[str, Path], adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.merge_pipeline import merge_pipeline
+
+    second = make_adapter(family["base"], tmp_path / "second", 8, target_modules=["q_proj", "o_proj"])
+    recipe = {"merge_method": "dare_ties", "output": "adapter", "parameters": {"density": 0.5}, "seed": 3}
+    local = {**recipe, "base_model": str(family["base"]), "models": [{"model": str(a), "parameters": {"weight": 0.8}} for a in (adapter, second)]}
+    expected = merge_adapters(plan_adapter_merge(parse_recipe(local)), tmp_path / "local")
+    hub_online(tmp_path, monkeypatch)
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        for name, folder in (("base", family["base"]), ("lora", adapter), ("second", second)):
+            push(api, f"org/{name}", folder)
+        remote = {**recipe, "base_model": "org/base",
+                  "models": [{"model": "org/base+org/lora", "parameters": {"weight": 0.8}}, {"model": "org/second", "parameters": {"weight": 0.8}}]}
+        summary = merge_pipeline(recipe=write_recipe(tmp_path / "recipe.yaml", remote), out=tmp_path / "merged", endpoint=hub.endpoint)
+    assert summary.shards[0].sha256 == expected
+    assert (tmp_path / "merged" / "adapter_model.safetensors").read_bytes() == (tmp_path / "local" / "adapter_model.safetensors").read_bytes()
+    assert all(s.path is None for s in summary.sources)  # the base's weights were never downloaded
+    assert [s.adapter.repo_id for s in summary.sources if s.adapter] == ["org/lora", "org/second"]  # type: ignore[union-attr]
+    assert not list((tmp_path / "hf_home").rglob("model.safetensors"))
