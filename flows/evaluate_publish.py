@@ -1,4 +1,5 @@
 """After a merge: evaluate -> card -> track in MLflow -> gate -> publish to the Hub (only when the gate passes).
+A merged adapter (``output: adapter``) and adapter sources are evaluated on their base.
 
 A subflow of the merge pipeline, or a flow on its own for a folder merged elsewhere:
 
@@ -21,6 +22,7 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from merge_ops.compatibility import CompatibilityReport
+from merge_ops.lora import is_adapter_folder
 from merge_ops.recipe import Recipe
 from mergeflow import settings
 from mergeflow.errors import GateFailedError
@@ -33,6 +35,7 @@ from mergeflow.tracking import MergeStats, TrackedRun, process_peak_rss
 from tasks.evaluation import evaluate_model_task, report_evaluation
 from tasks.gate import apply_gate_task
 from tasks.publish import publish_model_task, write_card_task
+from tasks.sources import download_model
 from tasks.tracking import record_outcome_task, track_run_task
 
 
@@ -44,6 +47,24 @@ class EvaluatePublishResult(BaseModel):
     lineage: Lineage
     run: TrackedRun
     published: Published | None = None
+
+
+def evaluate_sources(sources: list[Source], evaluation: EvalSettings, cache_dir: Path | None = None) -> dict[str, EvalResult]:
+    """The evaluation tasks of a merge's local sources, by key, inside the calling flow; an adapter source on its base."""
+    scores = {}
+    for s in sources:
+        adapter = s.adapter.path if s.adapter else None
+        if s.path is not None:
+            scores[s.key] = evaluate_model_task(adapter or s.path, evaluation, s.key, cache_dir, s.path if adapter else None)
+    return scores
+
+
+def evaluate_merge(
+    merged_dir: Path, sources: list[Source], evaluation: EvalSettings, cache_dir: Path | None = None
+) -> tuple[EvalResult, dict[str, EvalResult]]:
+    """The merged folder's evaluation (a merged adapter on the base its sources share), then its sources'."""
+    base = next((s.path for s in sources if s.path), None) if is_adapter_folder(merged_dir) else None
+    return evaluate_model_task(merged_dir, evaluation, "merged", cache_dir, base), evaluate_sources(sources, evaluation, cache_dir)
 
 
 def _run_name() -> str:
@@ -65,6 +86,8 @@ def evaluate_track_publish(
     eval_cache_dir: Path | None = None,
     tracking_uri: str | None = None,
     fail_on_gate: bool = True,
+    endpoint: str | None = None,
+    cache_dir: Path | None = None,
 ) -> EvaluatePublishResult:
     """Evaluate the merged model and its sources, track it in MLflow, and publish it if it passes the gate.
 
@@ -82,6 +105,8 @@ def evaluate_track_publish(
         params_file: default ``settings.PARAMS_FILE`` (MERGEFLOW_PARAMS, ``params.yaml``).
         eval_cache_dir: default ``settings.EVAL_CACHE_DIR``; tracking_uri: default MLFLOW_TRACKING_URI, else ./mlruns.
         fail_on_gate: raise GateFailedError when the gate fails (after recording it); False returns the outcome.
+        endpoint, cache_dir: the Hub and download cache for sources the merge did not download (the base of an
+            ``output: adapter`` merge, which evaluation needs); defaults as for ``merge_pipeline``.
 
     Raises:
         GateFailedError: the gate failed (``fail_on_gate``); the MLflow run says why, nothing was published.
@@ -93,9 +118,11 @@ def evaluate_track_publish(
     model_name = model_name or (publish.repo_id.split("/")[-1] if publish else merged_dir.name)
     stats = stats or MergeStats(peak_rss_bytes=process_peak_rss())
 
+    # Fetch what evaluation needs and the merge did not: the base of an adapter merge
+    sources = [download_model(s, endpoint, cache_dir) if s.path is None and s.repo_id else s for s in sources]
+
     # Evaluate the merged model, then every source and the base (cached by content: each evaluates once)
-    merged = evaluate_model_task(merged_dir, evaluation, "merged", eval_cache_dir)
-    scores = {s.key: evaluate_model_task(s.path, evaluation, s.key, eval_cache_dir) for s in sources if s.path}
+    merged, scores = evaluate_merge(merged_dir, sources, evaluation, eval_cache_dir)
     report_evaluation(merged, scores, {s.key: s.label for s in sources})
 
     # The Hub card (evaluation, recipe, lineage) into the folder; the lineage of the final folder

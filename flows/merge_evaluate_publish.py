@@ -54,6 +54,6 @@ def merge_evaluate_publish(
     target = PublishTarget(repo_id=publish_repo, private=private, endpoint=endpoint) if publish_repo else None
     evaluation = evaluate_track_publish(
         merged_dir=summary.out, recipe=summary.recipe, sources=summary.sources, stats=MergeStats.from_summary(summary),
-        compatibility=summary.compatibility, publish=target, params_file=params_file,
+        compatibility=summary.compatibility, publish=target, params_file=params_file, endpoint=endpoint, cache_dir=cache_dir,
     )
     return PipelineResult(merge=summary, evaluation=evaluation)

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 
-from flows.evaluate_publish import EvaluatePublishResult, evaluate_track_publish
+from flows.evaluate_publish import EvaluatePublishResult, evaluate_merge, evaluate_track_publish
 from flows.merge_pipeline import merge_pipeline
 from mergeflow.evaluation import EvalSettings
 from mergeflow.hub import PublishTarget
 from mergeflow.params import MergeParams, PublishParams
 from mergeflow.run_summary import RunSummary
 from mergeflow.sources import Source
-from tasks.evaluation import evaluate_model_task
 from tasks.recipe import load_recipe
 from tasks.sources import download_model
 from tasks.stage_records import (
@@ -67,8 +66,7 @@ def evaluate_stage(
     """Evaluate the merged model and every source with the ``eval:`` settings; write DVC metrics and plot data."""
     evaluation = EvalSettings.from_params(params_file)
     sources = _sources(sources_file, endpoint, cache_dir)
-    merged_result = evaluate_model_task(merged, evaluation, "merged")
-    results = {s.key: evaluate_model_task(s.path, evaluation, s.key) for s in sources if s.path}
+    merged_result, results = evaluate_merge(merged, sources, evaluation)
     return write_scores(merged_result, results, metrics_out, plot_out)
 
 
@@ -87,7 +85,7 @@ def publish_stage(
     result = evaluate_track_publish(
         merged_dir=folder, recipe=load_recipe(recipe), sources=sources, stats=read_merge_stats(log_file), params_file=params_file,
         publish=PublishTarget(repo_id=target.repo, private=target.private, endpoint=endpoint) if target.repo else None,
-        model_name=(target.repo or recipe.stem).split("/")[-1], fail_on_gate=False,
+        model_name=(target.repo or recipe.stem).split("/")[-1], fail_on_gate=False, endpoint=endpoint,
     )
     write_outcome(result.outcome, result.gate, result.published, outcome_out)
     return result

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, unmapped
 from pydantic import BaseModel
 
-from flows.evaluate_publish import EvaluatePublishResult, evaluate_track_publish
+from flows.evaluate_publish import EvaluatePublishResult, evaluate_sources, evaluate_track_publish
 from flows.merge_pipeline import prepare_sources
 from flows.runners import default_task_runner
 from mergeflow import settings
@@ -100,7 +100,7 @@ def sweep(
     # Merge the candidates concurrently (as many at once as the task runner has workers); meanwhile evaluate the
     # sources, then each candidate as soon as it is merged: one at a time, lm-eval's accelerate state is per process
     merges = merge_candidate_task.map(candidates, unmapped(headers), unmapped(sources), unmapped(report), unmapped(device), unmapped(force))
-    references = {s.key: evaluate_model_task(s.path, evaluation, s.key, eval_cache_dir) for s in sources if s.path}
+    references = evaluate_sources(sources, evaluation, eval_cache_dir)
     shards, evaluations = [], []
     for candidate, merged in zip(candidates, merges, strict=False):
         shards.append(merged.result())
@@ -117,7 +117,7 @@ def sweep(
         published = evaluate_track_publish(
             merged_dir=best.folder, recipe=load_recipe(best.recipe), sources=sources, evaluation=evaluation, gate=gate,
             publish=PublishTarget(repo_id=publish_repo, private=private, endpoint=endpoint), compatibility=report,
-            params_file=params, eval_cache_dir=eval_cache_dir, tracking_uri=tracking.tracking_uri, fail_on_gate=False,
+            params_file=params, eval_cache_dir=eval_cache_dir, tracking_uri=tracking.tracking_uri, fail_on_gate=False, endpoint=endpoint,
         )
         record_sweep_outcome_task(tracking, published.outcome, published.run.run_id, published.published)
     return SweepResult(

@@ -12,9 +12,9 @@ from tasks.retries import LOCAL
 
 
 @task(name="evaluate_model", task_run_name="evaluate-{label}", **LOCAL)
-def evaluate_model_task(model_dir: Path, evaluation: EvalSettings, label: str, cache_dir: Path | None = None) -> EvalResult:
-    """lm-eval on one model folder (cached by its content hash and the settings)."""
-    result = evaluate_model(model_dir, **evaluation.model_dump(), cache_dir=cache_dir)
+def evaluate_model_task(model_dir: Path, evaluation: EvalSettings, label: str, cache_dir: Path | None = None, base: Path | None = None) -> EvalResult:
+    """lm-eval on one model folder, or on a PEFT adapter folder applied to ``base`` (cached by content hash and settings)."""
+    result = evaluate_model(model_dir, **evaluation.model_dump(), base=base, cache_dir=cache_dir)
     scores = ", ".join(f"{t} {v:.3f}" for t, v in result.scores.items())
     get_run_logger().info("%s: %s (%s)", label, scores, "cached" if result.cached else f"{result.seconds:.1f} s")
     return result
