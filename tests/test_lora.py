@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_family import CONFIG
+from tiny_family import CONFIG, make_adapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from merge_ops.engine import merge_model
@@ -23,19 +23,6 @@ ADAPTERS = {
     "rslora": dict(target_modules=["k_proj", "up_proj"], use_rslora=True),
     "embedding_and_saved_head": dict(target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]),
 }
-
-
-def make_adapter(base: Path, out: Path, seed: int, **options: object) -> Path:
-    """A PEFT LoRA adapter of ``base`` with every LoRA factor random (PEFT starts B at zero, which adds nothing)."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM.from_pretrained(base)
-    tuned = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, **options))
-    with torch.no_grad():
-        for name, parameter in tuned.named_parameters():
-            if "lora_" in name or "modules_to_save" in name:
-                parameter.copy_(torch.randn_like(parameter) * 0.05)
-    tuned.save_pretrained(out)
-    return out
 
 
 def merged_by_peft(base: Path, adapter: Path, out: Path) -> Path:
