@@ -15,6 +15,10 @@ absolute difference, max distance in units in the last place). Random methods (D
 different random streams in the two tools, so their outputs are compared by statistics of the
 delta to the base instead (fraction of changed entries, mean / std / mean-abs of the delta).
 
+LoRA sources: a PEFT adapter of the base (rank 4, random non-zero factors on every linear module, built with
+PEFT by ``tests/tiny_family.make_adapter``) is referenced as ``BASE+ADAPTER`` alone (linear) and beside full
+fine-tunes (task_arithmetic, ties); mergekit applies it with PEFT's merge_and_unload into ``--lora-merge-cache``.
+
 Cases:
   f32           float32 family, ``dtype: float32``  (mergeflow default compute dtype)
   bf16/mf-f32   bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype float32``
@@ -41,20 +45,22 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from tiny_family import build_family  # noqa: E402
+from tiny_family import build_family, make_adapter  # noqa: E402
 
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # --------------------------------------------------------------------------- recipes
 
 
 def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
-    """One mergekit-schema recipe per method, all paths absolute."""
+    """One mergekit-schema recipe per method, all paths absolute; ``<method>+lora`` recipes read ``BASE+ADAPTER``."""
     base, a, b, neg = fam["base"], fam["ft_a"], fam["ft_b"], fam["ft_neg"]
+    adapted = f"{base}+{fam['adapter']}"
 
-    def with_base(method: str, params: dict, model_params: list[dict], global_params: dict | None = None) -> dict:
-        models = [{"model": m, "parameters": p} for m, p in zip((a, b, neg), model_params, strict=False)]
+    def with_base(method: str, params: dict, model_params: list[dict], global_params: dict | None = None, first: str = a) -> dict:
+        models = [{"model": m, "parameters": p} for m, p in zip((first, b, neg), model_params, strict=False)]
         r = {"merge_method": method, "base_model": base, "models": models, "dtype": dtype}
         if global_params:
             r["parameters"] = global_params
@@ -109,6 +115,9 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
             ],
             "dtype": dtype,
         },
+        "linear+lora": {"merge_method": "linear", "models": [{"model": adapted, "parameters": {"weight": 1.0}}], "dtype": dtype},
+        "task_arithmetic+lora": with_base("task_arithmetic", {}, three(), {"lambda": 0.9}, first=adapted),
+        "ties+lora": with_base("ties", {"density": 0.5}, three(), first=adapted),
     }
     return out
 
@@ -349,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         families[label] = {k: str(v) for k, v in build_family(root, dtype=dt, shards=args.shards).items()}
         for folder in families[label].values():
             add_architectures(Path(folder))
+        families[label]["adapter"] = str(make_adapter(Path(families[label]["base"]), root / "adapter", 7, target_modules=LORA_TARGETS))
+    lora_cache = work / "lora-merge-cache"  # mergekit's merged BASE+ADAPTER models, keyed by path: stale after a rebuild
+    shutil.rmtree(lora_cache, ignore_errors=True)
     base_tensors = {
         label: {k: v for f in sorted(Path(fam["base"]).glob("*.safetensors")) for k, v in load_file(f).items()}
         for label, fam in families.items()
@@ -381,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(mk_out, ignore_errors=True)
                 mk_run = run_tool(
                     [args.mergekit_bin, str(recipe_file), str(mk_out), "--no-cuda", "--random-seed", "0",
-                     "--no-copy-tokenizer", "--quiet", "--no-lazy-unpickle"],
+                     "--no-copy-tokenizer", "--quiet", "--no-lazy-unpickle", "--lora-merge-cache", str(lora_cache)],
                     work / "out" / f"mergekit-{tag}.log",
                     env,
                 )

@@ -5,7 +5,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -109,12 +109,17 @@ class InputReader:
     blocks: TensorBlocks
     cast: torch.dtype | None
     device: torch.device
+    factors: TensorBlocks = field(default_factory=TensorBlocks)
+    """The LoRA factors of the current tensor's ``BASE+ADAPTER`` sources, loaded once for all its row blocks."""
 
     def __call__(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         job = piece.job
         sources = [*job.inputs, *([job.base] if job.base else [])]
         tensors = self.blocks.read([(Path(s.file), s.name) for s in sources], piece.rows)
-        tensors = [self._prepare(apply_lora(t, s.lora, piece.rows) if s.lora else t) for t, s in zip(tensors, sources, strict=True)]
+        keys = [(Path(s.lora.file), name) for s in sources if s.lora for name in (s.lora.a, s.lora.b)]
+        factors = self.factors.read(keys, None)
+        pairs = iter(zip(factors[::2], factors[1::2], strict=True))  # (A, B) of each LoRA source, in order
+        tensors = [self._prepare(apply_lora(t, s.lora, next(pairs), piece.rows) if s.lora else t) for t, s in zip(tensors, sources, strict=True)]
         return (tensors[:-1], tensors[-1]) if job.base else (tensors, None)
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 UNSUPPORTED = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "use_qalora": "QALoRA", "target_parameters": "target_parameters"}
 """Adapter options that change the arithmetic beyond ``W + scale * B @ A``: refused, by name."""
+CHUNK_ELEMENTS = 1 << 20
+"""Rows of an update computed at once: float32 working memory of ``apply_lora``."""
 
 
 class LoraTerm(BaseModel):
@@ -184,11 +186,25 @@ def adapter_patch(adapter: AdapterHeaders, base_tensors: dict[str, tuple[int, ..
     return AdapterPatch(terms=terms, replaced=replaced, problems=problems)
 
 
-def apply_lora(weight: torch.Tensor, term: LoraTerm, rows: tuple[int, int] | None) -> torch.Tensor:
-    """``weight`` (all rows, or rows ``[start, end)`` of the base tensor) plus the adapter's term, in float32,
-    rounded to ``weight``'s dtype."""
-    a = load_tensor(Path(term.file), term.a)
-    b = load_tensor(Path(term.file), term.b)
-    start, end = rows or (0, weight.shape[0])
-    delta = (b.float() @ a[:, start:end].float()).T if term.transpose else b[start:end].float() @ a.float()
-    return (weight.float() + delta * term.scale).to(weight.dtype)
+def load_factors(term: LoraTerm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The term's A and B as stored (``term.file`` absolute, as in a plan)."""
+    return load_tensor(Path(term.file), term.a), load_tensor(Path(term.file), term.b)
+
+
+def apply_lora(weight: torch.Tensor, term: LoraTerm, factors: tuple[torch.Tensor, torch.Tensor], rows: tuple[int, int] | None) -> torch.Tensor:
+    """``weight`` (all rows, or rows ``[start, end)`` of the base tensor) plus the adapter's term, in float32, rounded to
+    ``weight``'s dtype.
+
+    ``factors`` are the term's A and B as stored (whole tensors: the caller keeps them loaded across a tensor's row
+    blocks). The update is computed ``CHUNK_ELEMENTS`` at a time, so a whole large tensor needs no float32 copy.
+    """
+    a, b = factors
+    first = rows[0] if rows else 0
+    out = torch.empty_like(weight)
+    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(weight.shape[1:])))
+    for start in range(0, weight.shape[0], step):
+        end = min(start + step, weight.shape[0])
+        lo, hi = first + start, first + end
+        delta = (b.float() @ a[:, lo:hi].float()).T if term.transpose else b[lo:hi].float() @ a.float()
+        out[start:end] = delta.mul_(term.scale).add_(weight[start:end].float())
+    return out

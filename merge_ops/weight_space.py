@@ -23,7 +23,7 @@ import torch
 
 from merge_ops.compatibility import BaseDistance, CompatibilityReport, Finding
 from merge_ops.headers import ModelHeaders
-from merge_ops.lora import apply_lora
+from merge_ops.lora import apply_lora, load_factors
 from merge_ops.recipe import Recipe
 from merge_ops.safetensors_io import load_tensor
 
@@ -50,7 +50,7 @@ def base_distance(model_headers: ModelHeaders, base_headers: ModelHeaders) -> Ba
         rows = (0, min(shape[0], max(1, SAMPLE_ELEMENTS // math.prod(shape[1:]))))
         x = load_tensor(model_headers.file(name), model[name].stored_as or name, rows)
         term = model_headers.lora_term(name)
-        x = (apply_lora(x.float(), term, rows) if term else x).double().flatten()
+        x = (apply_lora(x.float(), term, load_factors(term), rows) if term else x).double().flatten()
         b = load_tensor(base_headers.file(name), name, rows).double().flatten()
         if b.norm() == 0 or x.norm() == 0:
             continue

@@ -10,8 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_lora import make_adapter
-from tiny_family import CONFIG
+from tiny_family import CONFIG, make_adapter
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 

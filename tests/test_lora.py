@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import make_adapter, merged_by_peft
+from lora_helpers import merged_by_peft
 from method_cases import NAMES, recipe_for
 from safetensors.torch import load_file
-from tiny_family import CONFIG
+from tiny_family import CONFIG, make_adapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from merge_ops.engine import merge_model

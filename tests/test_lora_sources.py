@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import HfApi
-from lora_helpers import make_adapter
 from pipeline_helpers import folder_bytes, hub_online, push, write_recipe
+from tiny_family import make_adapter
 
 from merge_ops.adapter_merge import merge_adapters, plan_adapter_merge
 from merge_ops.compatibility import compatibility_report

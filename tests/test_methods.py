@@ -534,3 +534,22 @@ def test_kth_largest_is_exact() -> None:
         for k in (1, 2, 777, 4999, 5000):
             value, above, equal, _ = kth_largest(lambda values=values: [values[:1234].clone(), values[1234:].clone()], k)
             assert value == ordered[k - 1] and above == int((values > value).sum()) and equal == int((values == value).sum())
+
+
+def test_kth_largest_with_a_sample_is_exact_on_repeated_values() -> None:
+    """bfloat16-like deltas repeat values: the sample's guess of a single value, the bracket and the radix fallback
+    all give the exact k-th largest, also when a misleading sample makes the guess and the bracket miss."""
+    from merge_ops.methods.blocks import SAMPLE_STEP, _brackets, kth_largest
+
+    values = (torch.randn(300_000, generator=gen(7)).abs() * 0.002).to(torch.bfloat16).float()
+    ordered = values.sort(descending=True).values
+    blocks = lambda: [values[:100_000].clone(), values[100_000:].clone()]  # noqa: E731
+    misleading = torch.cat([torch.full((4000,), float(ordered[1000])), values[::SAMPLE_STEP]])
+    guessed = 0
+    for k in (1, 1000, 2000, 5000, 50_000, 149_999, 150_000, 150_001, 299_999, 300_000, 90_000, 210_000):
+        for sample in (values[::SAMPLE_STEP], misleading):
+            guessed += len(_brackets(sample, k, values.numel())) == 2
+            value, above, equal, per_block = kth_largest(blocks, k, sample, values.numel())
+            assert value == ordered[k - 1] and above == int((values > value).sum()) and equal == int((values == value).sum())
+            assert per_block is None or per_block == [int((b == value).sum()) for b in blocks()]
+    assert guessed, "some case must try the single-value guess first"

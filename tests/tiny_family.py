@@ -66,3 +66,19 @@ def build_family(root: Path, *, dtype: torch.dtype = torch.float32, shards: int 
         "ft_b": write_model(root / "ft_b", fine_tune(base, 2), shards=shards),
         "ft_neg": write_model(root / "ft_neg", fine_tune(base, 3, sign=-1.0), shards=shards),
     }
+
+
+def make_adapter(base: Path, out: Path, seed: int, **options: object) -> Path:
+    """A PEFT LoRA adapter of ``base`` (r=4, alpha=8 unless ``options`` say otherwise) with every LoRA factor random:
+    PEFT starts B at zero, which adds nothing."""
+    import peft
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(base)
+    tuned = peft.get_peft_model(model, peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **options}))
+    with torch.no_grad():
+        for name, parameter in tuned.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    tuned.save_pretrained(out)
+    return out
