@@ -184,7 +184,6 @@ def test_recipe_problems_are_listed_with_their_key_paths(family: dict[str, Path]
     assert found == [
         "merge_method: 'slerp' is not one of PEFT's combination types, which `output: adapter` uses: " + ", ".join(COMBINATIONS),
         "tokenizer_source: not used with `output: adapter`, which combines whole adapters (no layers, no tokenizer); remove it",
-        f"models[0].model: {adapters['a']} is not an adapter; with `output: adapter` write BASE+ADAPTER (the base model, then the adapter)",
         "models[0].parameters.weight: [0.1, 0.2] -> one number (gradients and filters do not apply to adapter merges)",
         f"models[1].model: its base other is not {family['base']}; adapter merges need adapters of one base",
         "models[1].parameters.weight: required: a number, the adapter's share (negative subtracts it)",
@@ -196,6 +195,9 @@ def test_recipe_problems_are_listed_with_their_key_paths(family: dict[str, Path]
         "parameters.svd_rank: not used by ties; remove it (it is read by svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd)",
         "parameters: density is required by ties (the fraction of each adapter's entries kept, 0 < density <= 1)",
     ]
+    unbased = {k: v for k, v in good.items() if k != "base_model"} | {"models": [{"model": str(adapters["a"]), "parameters": {"weight": 1.0}}]}
+    assert problems(unbased) == [f"models[0].model: {adapters['a']} is not an adapter; with `output: adapter` write BASE+ADAPTER (the base model, "
+                                 "then the adapter), or set base_model and list the adapters alone"]
     assert problems({**good, "output": "adaptor"})[0] == "output: 'adaptor' -> Input should be 'model' or 'adapter'"
     assert parse_recipe({**good, "output": "model", "merge_method": "ties", "models": [{"model": str(family["ft_a"]), "parameters": {"weight": 1}}]}).output == "model"
 
