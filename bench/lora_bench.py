@@ -12,7 +12,7 @@ and --runs times, each in a fresh process after a sync, with wall time and peak 
 - PEFT's own path for ``apply``: ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
   (its output is compared with mergeflow's tensor by tensor), and for the five adapters
   ``add_weighted_adapter`` (``cat``, ``linear``, ``ties``) + saving the combined adapter;
-- the adapter-space merge of the five adapters (``output: adapter``): PENDING, see ``adapter_space_recipes``.
+- the adapter-space merge of the five adapters (``output: adapter``, ``adapter_space_recipes``).
 
 The machine's load average is printed with every run (other jobs share the cores). ``--update-std`` sets the
 scale of the adapters' updates (TIES's top-k search costs more or less depending on it, see UPDATE_STD).
@@ -115,16 +115,12 @@ def lora_recipes(folders: dict[str, Path], adapters: list[Path], methods: list[s
 
 
 def adapter_space_recipes(base: Path, adapters: list[Path]) -> dict[str, dict]:
-    """PENDING (issue 12, adapter-space merges, built separately): five adapters merged into one adapter.
-
-    Written as ``mergeflow merge RECIPE OUT`` is expected to take it (``output: adapter``); until mergeflow accepts
-    it, the bench reports the refusal as pending. Adjust the recipe here when that lands.
-    """
+    """Five adapters merged into one adapter (``output: adapter``): PEFT's linear and ties combination types."""
     models = [{"model": f"{base}+{a}", "parameters": {"weight": 1 / len(adapters)}} for a in adapters]
     return {
         "linear": {"merge_method": "linear", "models": models, "dtype": "bfloat16", "output": "adapter"},
-        "ties": {"merge_method": "ties", "base_model": str(base), "models": [dict(m, parameters={"weight": 1.0, "density": 0.5}) for m in models],
-                 "dtype": "bfloat16", "output": "adapter"},
+        "ties": {"merge_method": "ties", "base_model": str(base), "models": [dict(m, parameters={"weight": 1.0}) for m in models],
+                 "parameters": {"density": 0.5}, "dtype": "bfloat16", "output": "adapter"},
     }
 
 
@@ -200,7 +196,7 @@ def main() -> None:
     mergeflow = str(Path(sys.executable).with_name("mergeflow"))
     out = args.cache / "out-lora-bench"
     commands: dict[str, list[str]] = {}
-    for variant, by_method in lora_recipes(folders, adapters, args.methods.split(",")).items():
+    for variant, by_method in (lora_recipes(folders, adapters, args.methods.split(",")) if args.methods else {}).items():
         for method, recipe in by_method.items():
             path = args.cache / f"lora-bench-{variant}-{method}.yaml"
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -218,12 +214,12 @@ def main() -> None:
 
     walls: dict[str, list[float]] = {k: [] for k in commands}
     rss: dict[str, list[float]] = {k: [] for k in commands}
-    pending: dict[str, str] = {}  # the adapter-space merge until mergeflow has it; PEFT paths that fail
+    failed: dict[str, str] = {}  # PEFT paths that fail
     loads: list[float] = []
     check = ""
     for run in range(args.runs):
         for label, command in commands.items():  # interleaved: every variant once per round
-            if label in pending:
+            if label in failed:
                 continue
             shutil.rmtree(out, ignore_errors=True)
             os.sync()
@@ -232,12 +228,12 @@ def main() -> None:
             try:
                 wall, peak = timed(command)
             except RuntimeError as err:
-                if label.startswith("mergeflow") and "output: adapter" not in label:
+                if label.startswith("mergeflow"):
                     raise
                 lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().isdigit() and "exited with" not in line]
                 first = next((i for i, line in enumerate(lines) if "output" in line), max(0, len(lines) - 3))  # not /usr/bin/time's lines
-                pending[label] = " ".join(lines[first:])[:200]
-                print(f"{label}: FAILED ({pending[label]})", file=sys.stderr)
+                failed[label] = " ".join(lines[first:])[:200]
+                print(f"{label}: FAILED ({failed[label]})", file=sys.stderr)
                 continue
             walls[label].append(wall)
             rss[label].append(peak / 1e9)
@@ -258,8 +254,8 @@ def main() -> None:
     print("| what | wall s (runs) | median s | peak RSS GB | LoRA / full: time | LoRA / full: RSS |")
     print("|---|---|---|---|---|---|")
     for label in commands:
-        if label in pending:
-            print(f"| {label} | {'PENDING' if 'output: adapter' in label else 'FAILED'}: {pending[label]} | | | | |")
+        if label in failed:
+            print(f"| {label} | FAILED: {failed[label]} | | | | |")
             continue
         full = label.replace(" lora", " full")
         ratio = f"{median[label] / median[full]:.2f} | {peak[label] / peak[full]:.2f}" if label.endswith(" lora") else " | "
@@ -267,7 +263,7 @@ def main() -> None:
     if check:
         print(f"\nmergeflow apply lora vs PEFT merge_and_unload: {check}")
     if args.json:
-        args.json.write_text(json.dumps({"walls": walls, "rss_gb": rss, "pending": pending, "loads": loads, "peft_check": check}, indent=2))
+        args.json.write_text(json.dumps({"walls": walls, "rss_gb": rss, "failed": failed, "loads": loads, "peft_check": check}, indent=2))
 
 
 if __name__ == "__main__":
