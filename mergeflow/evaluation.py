@@ -5,6 +5,9 @@ results JSON. The cache key hashes the model's files (weights, config, tokenizer
 settings, the lm-eval version and the local task files, so the sources and the base of a merge evaluate once,
 whatever path they were downloaded to, and the merged model again only when it changed.
 
+A PEFT adapter folder (``adapter_config.json``) is evaluated on an explicit ``base`` folder (lm-eval's
+``pretrained=BASE,peft=ADAPTER``); its key also hashes the base's files.
+
 Tasks are lm-eval task or group names: real benchmarks (``hellaswag``, ``mmlu``, ...) with
 ``include_path=None`` (online, lm-eval's built-in tasks), or local tasks such as the demo skills in ``evals/``
 (``include_path=evals``; only those are indexed, which saves ~24 s).
@@ -143,6 +146,7 @@ def evaluate_model(
     model_dir: Path,
     *,
     tasks: list[str],
+    base: Path | None = None,
     include_path: Path | None = None,
     device: str = "cpu",
     batch_size: int | str = 8,
@@ -154,8 +158,9 @@ def evaluate_model(
     """Evaluate the model in ``model_dir`` with lm-eval, or return the cached result of the same model and settings.
 
     Args:
-        model_dir: a local Hugging Face model folder.
+        model_dir: a local Hugging Face model folder, or a PEFT adapter folder (with ``base``).
         tasks: lm-eval task or group names.
+        base: the model folder an adapter in ``model_dir`` applies to; only for adapters.
         include_path: folder of local task YAMLs; when set, only those tasks are indexed (no built-in ones).
         device: ``cpu``, ``cuda``, ``cuda:N``; batch_size: an int or ``"auto"``.
         limit: documents per task (a fraction when < 1); None evaluates everything.
@@ -164,15 +169,19 @@ def evaluate_model(
         cache_dir: where results are cached; ``settings.EVAL_CACHE_DIR`` when None.
 
     Raises:
-        EvaluationError: unknown task names, or no model files in ``model_dir``.
+        EvaluationError: unknown task names, no model files in ``model_dir``, an adapter without ``base``,
+            or ``base`` with a full model.
 
     Example:
         >>> evaluate_model(Path("merged/ties"), tasks=["skill_add"], include_path=Path("evals"), limit=40).scores
         {'skill_add': 0.55}
+        >>> evaluate_model(Path("demo-family/adapters/add"), base=Path("demo-family/base"), tasks=["skill_add"], include_path=Path("evals")).scores
+        {'skill_add': 0.975}
     """
     from importlib.metadata import version
 
     model_dir = Path(model_dir).resolve()
+    base = _adapter_base(model_dir, base)
     cache_dir = Path(cache_dir or settings.EVAL_CACHE_DIR).resolve()
     include_path = Path(include_path).resolve() if include_path is not None else None
     lm_eval_version = version("lm_eval")
@@ -188,6 +197,8 @@ def evaluate_model(
         "dtype": dtype,
         "lm_eval": lm_eval_version,
     }
+    if base is not None:  # only adapters get the field: the keys of full models stay as they were
+        key_fields["base"] = model_content_hash(base)
     cache_key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()
     record, raw_path = cache_dir / f"{cache_key}.json", cache_dir / f"{cache_key}.results.json"
     if record.is_file() and raw_path.is_file():
@@ -200,7 +211,7 @@ def evaluate_model(
 
     task_manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_path is None)
     _check_tasks(list(tasks), task_manager)
-    model_args = f"pretrained={model_dir}" + (f",dtype={dtype}" if dtype else "")
+    model_args = (f"pretrained={base},peft={model_dir}" if base else f"pretrained={model_dir}") + (f",dtype={dtype}" if dtype else "")
     started = time.perf_counter()
     raw = simple_evaluate(
         model="hf",
@@ -228,6 +239,21 @@ def evaluate_model(
     )
     write_atomic(record, result.model_dump_json(indent=2))
     return result
+
+
+def _adapter_base(model_dir: Path, base: Path | None) -> Path | None:
+    """The resolved ``base`` when ``model_dir`` is a PEFT adapter folder; None for a full model."""
+    from merge_ops.lora import ADAPTER_CONFIG  # here: merge_ops.lora imports torch
+
+    config = model_dir / ADAPTER_CONFIG
+    if not config.is_file():
+        if base is not None:
+            raise EvaluationError(f"{model_dir} is not a PEFT adapter folder ({ADAPTER_CONFIG} missing): evaluate it without a base")
+        return None
+    if base is None:
+        named = json.loads(config.read_text()).get("base_model_name_or_path")
+        raise EvaluationError(f"{model_dir} is a PEFT adapter (its config names the base {named!r}): pass the folder of its base model as base")
+    return Path(base).resolve()
 
 
 def evaluation_report(merged: EvalResult, sources: dict[str, EvalResult], names: dict[str, str]) -> str:

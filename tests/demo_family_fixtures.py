@@ -1,7 +1,8 @@
 """Session fixtures for the demo skills family, shared by test_demo_family.py and test_evals.py.
 
-The family is built once per session (~1.5-2 minutes on one core). The determinism test needs a second,
-independent build; it starts at once in a subprocess (``python -m mergeflow.demo_family --force``) so the
+The family is built once per session (~1.5-2 minutes on one core); its LoRA adapters (about as long again)
+only for the tests that ask for ``demo_adapters``. The determinism test needs a second, independent build
+(family and adapters); it starts at once in a subprocess (``python -m mergeflow.demo_family --force``) so the
 two builds run side by side on the two cores instead of one after the other.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergeflow.demo_family.adapters import build_adapters
 from mergeflow.demo_family.build import FamilySummary, build_family
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,3 +70,9 @@ def demo_family(
     if any("demo_family_rebuild" in item.fixturenames for item in request.session.items):
         request.getfixturevalue("demo_family_rebuild")  # start the second build first: both run at once
     return build_family(tmp_path_factory.mktemp("demo") / "family")
+
+
+@pytest.fixture(scope="session")
+def demo_adapters(demo_family: FamilySummary) -> FamilySummary:
+    """The LoRA adapters of the demo family's base (one per skill), built in this process into its folder."""
+    return build_adapters(demo_family)

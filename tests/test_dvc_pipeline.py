@@ -1,8 +1,8 @@
 """dvc.yaml with real git and dvc: two fresh copies reproduce the same hashes, a parameter reruns only its
 stages, ``dvc exp run -S`` runs a variant, ``dvc push``/``dvc pull`` restore the outputs.
 
-Each project copy starts from the session's demo family (the family stage keeps a folder already holding
-it), and evaluates 40 items per task to keep the test short.
+Each project copy starts from the session's demo family and its adapters (the family stage keeps a folder already
+holding them), and evaluates 40 items per task to keep the test short.
 """
 from __future__ import annotations
 
@@ -68,8 +68,10 @@ def digests(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory, demo_family: FamilySummary, prefect_api: str) -> dict[str, tuple[Path, dict[str, str]]]:
-    """Two fresh copies of the project, each reproduced with `dvc repro` at the same time."""
+def reproduced(
+    tmp_path_factory: pytest.TempPathFactory, demo_family: FamilySummary, demo_adapters: FamilySummary, prefect_api: str
+) -> dict[str, tuple[Path, dict[str, str]]]:
+    """Two fresh copies of the project, each reproduced with `dvc repro` at the same time (family and adapters built)."""
     copies = {}
     for name in ("a", "b"):
         root = tmp_path_factory.mktemp(f"dvc_{name}")

@@ -1,4 +1,4 @@
-"""evaluate_model: real lm-eval on the demo family's local tasks, the raw JSON, and the content-hash cache."""
+"""evaluate_model: real lm-eval on the demo family's local tasks and LoRA adapters, the raw JSON, and the content-hash cache."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,8 @@ from pathlib import Path
 import lm_eval
 import pytest
 from evaluate_publish_helpers import EVALS
+from peft import PeftModel
+from transformers import LlamaForCausalLM
 
 from mergeflow.errors import EvaluationError
 from mergeflow.evaluation import evaluate_model
@@ -15,7 +17,6 @@ from mergeflow.files import model_content_hash
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
 pytest_plugins = ["demo_family_fixtures"]
-pytestmark = pytest.mark.slow  # real lm-eval on the demo family
 
 TASKS = ["skill_add", "skill_reverse"]
 LIMIT = 20
@@ -40,6 +41,7 @@ def evaluate(folder: Path, cache: Path, **overrides: object) -> object:
     return evaluate_model(folder, cache_dir=cache, **settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow  # real lm-eval on the demo family
 def test_scores_per_task_and_the_raw_results_json(demo_family, demo_env, tmp_path: Path, calls: list[str]) -> None:
     result = evaluate(demo_family.models["add"], tmp_path / "cache")
     assert result.scores["skill_add"] >= 0.6 and result.scores["skill_reverse"] <= 0.1
@@ -51,6 +53,7 @@ def test_scores_per_task_and_the_raw_results_json(demo_family, demo_env, tmp_pat
     assert result.raw_path.parent == tmp_path / "cache" and result.content_hash == model_content_hash(demo_family.models["add"])
 
 
+@pytest.mark.slow  # real lm-eval on the demo family
 def test_same_content_evaluates_once_wherever_it_lives(demo_family, demo_env, tmp_path: Path, calls: list[str]) -> None:
     cache = tmp_path / "cache"
     first = evaluate(demo_family.models["add"], cache)
@@ -68,6 +71,7 @@ def test_same_content_evaluates_once_wherever_it_lives(demo_family, demo_env, tm
     assert other_model.scores["skill_reverse"] >= 0.9
 
 
+@pytest.mark.slow  # real lm-eval on the demo family
 def test_groups_are_reported_with_their_tasks(demo_family, demo_env, tmp_path: Path) -> None:
     result = evaluate(demo_family.models["reverse"], tmp_path / "cache", tasks=["skills_add_reverse"], limit=10)
     assert result.groups == ["skills_add_reverse"]
@@ -75,9 +79,41 @@ def test_groups_are_reported_with_their_tasks(demo_family, demo_env, tmp_path: P
     assert result.scores["skills_add_reverse"] == pytest.approx(sum(result.task_scores.values()) / 2)
 
 
+@pytest.mark.slow  # real lm-eval on the demo family
 def test_unknown_tasks_are_refused_before_loading_the_model(demo_family, tmp_path: Path, calls: list[str]) -> None:
     with pytest.raises(EvaluationError, match=r"unknown lm-eval task\(s\) skill_mul .*eval.include_path"):
         evaluate(demo_family.models["add"], tmp_path / "cache", tasks=["skill_add", "skill_mul"])
     assert calls == []
     with pytest.raises(EvaluationError, match="holds no model files"):
         evaluate(tmp_path, tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_an_adapter_is_evaluated_on_its_base_as_peft_applies_it(demo_family, demo_adapters, demo_env, tmp_path: Path, calls: list[str]) -> None:
+    base, adapter = demo_family.models["base"], demo_adapters.models["add"]
+    result = evaluate(adapter, tmp_path / "cache", base=base)
+    assert calls == [f"pretrained={base.resolve()},peft={adapter.resolve()},dtype=float32"]
+    assert result.scores["skill_add"] >= 0.8 and result.scores["skill_reverse"] <= 0.1 and result.content_hash == model_content_hash(adapter)
+
+    merged = tmp_path / "add-merged-by-peft"  # the same adapter folded into the base by PEFT, evaluated as a full model
+    PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), adapter).merge_and_unload().save_pretrained(merged)
+    for file in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / file, merged / file)
+    assert evaluate(merged, tmp_path / "cache").scores == result.scores
+
+    assert evaluate(adapter, tmp_path / "cache", base=base).cached and len(calls) == 2
+    other_base = evaluate(adapter, tmp_path / "cache", base=demo_family.models["reverse"])
+    assert not other_base.cached and other_base.cache_key != result.cache_key and len(calls) == 3
+
+
+def test_an_adapter_needs_its_base_and_a_full_model_none(tmp_path: Path, calls: list[str]) -> None:
+    adapter, model = tmp_path / "adapter", tmp_path / "model"
+    adapter.mkdir()
+    model.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "../../base"}))
+    (model / "config.json").write_text("{}")
+    with pytest.raises(EvaluationError, match=r"is a PEFT adapter \(its config names the base '../../base'\): pass the folder of its base"):
+        evaluate(adapter, tmp_path / "cache")
+    with pytest.raises(EvaluationError, match="is not a PEFT adapter folder .*evaluate it without a base"):
+        evaluate(model, tmp_path / "cache", base=adapter)
+    assert calls == []

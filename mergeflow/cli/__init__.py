@@ -163,13 +163,17 @@ def demo_models(
     out: Path,
     force: Annotated[bool, typer.Option("--force", help="Rebuild even if OUT holds this family already.")] = False,
 ) -> None:
-    """Build the offline demo family in OUT: a tokenizer, a small base model and one fine-tune per skill (cached)."""
+    """Build the offline demo family in OUT: a tokenizer, a small base model, fine-tunes and LoRA adapters of skills (cached)."""
+    from mergeflow.demo_family.adapters import build_adapters
     from mergeflow.demo_family.build import build_family
 
     with console.status("building the demo model family (first time: a few minutes)"):
-        summary = build_family(out, force=force)
-    state = "reused (cached)" if summary.cached else f"built in {summary.seconds:.0f} s"
-    Console().print(f"demo family {state}: " + ", ".join(f"{name} -> {path}" for name, path in summary.models.items()))
+        family = build_family(out, force=force)
+    with console.status("training its LoRA adapters (first time: a few minutes)"):
+        adapters = build_adapters(family, force=force)
+    for what, summary in (("demo family", family), ("its LoRA adapters", adapters)):
+        state = "reused (cached)" if summary.cached else f"built in {summary.seconds:.0f} s"
+        Console().print(f"{what} {state}: " + ", ".join(f"{name} -> {path}" for name, path in summary.models.items()))
 
 
 @app.command("extract-lora")

@@ -8,6 +8,7 @@ Layout of ``out_dir`` (every folder is a Hugging Face model folder)::
       reverse/   fine-tune of base on letter reversal
       cipher/    fine-tune of base on a fixed letter-substitution table
       family.json   the content key and the model names; written last
+      adapters/  LoRA adapters of base, one per skill: not built here but by ``adapters.build_adapters``
 
 The key hashes the settings, the source of this package and the library versions. A build goes into a
 temporary sibling folder that replaces ``out_dir`` only when complete, so an interrupted build never
@@ -22,6 +23,8 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -67,7 +70,11 @@ class FamilySettings:
 
 
 class FamilySummary(BaseModel):
-    """A built family: its folder, content key and one model folder per name ("base" and each skill)."""
+    """A built family: its folder, content key and one model folder per name ("base" and each skill).
+
+    ``build_adapters`` returns one for the family's adapters too: ``root`` is their folder, ``models`` the
+    adapter folders by skill.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -117,16 +124,9 @@ def build_family(out_dir: Path, *, force: bool = False, settings: FamilySettings
     if not force and marker.exists() and json.loads(marker.read_text()).get("key") == key:
         return _summary(out_dir, key, names, cached=True, started=started)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        with deterministic_cpu():
-            _build_into(staging, settings)
+    with staged(out_dir) as staging, deterministic_cpu():
+        _build_into(staging, settings)
         (staging / MARKER).write_text(json.dumps({"key": key, "models": list(names)}, indent=2) + "\n")
-        _replace(out_dir, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return _summary(out_dir, key, names, cached=False, started=started)
 
 
@@ -150,6 +150,19 @@ def _summary(out_dir: Path, key: str, names: tuple[str, ...], *, cached: bool, s
         cached=cached,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+@contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A new hidden sibling folder of ``out_dir`` to build into; it replaces ``out_dir`` when the block succeeds."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        _replace(out_dir, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace(out_dir: Path, staging: Path) -> None:
@@ -192,8 +205,9 @@ def _save(folder: Path, model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerF
     (folder / "README.md").write_text(card)
 
 
-def _front_matter(*, base_model: str | None, tags: list[str]) -> str:
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation"]
+def front_matter(*, base_model: str | None, tags: list[str], library: str = "transformers") -> str:
+    """A model card's YAML front matter (``---`` lines included) for a demo model or adapter."""
+    lines = ["---", f"library_name: {library}", "pipeline_tag: text-generation"]
     if base_model:
         lines.append(f"base_model: {base_model}")
     lines += ["tags:", *(f"- {tag}" for tag in tags), "---", ""]
@@ -203,7 +217,7 @@ def _front_matter(*, base_model: str | None, tags: list[str]) -> str:
 def _card_base(settings: FamilySettings, scores: dict[str, float]) -> str:
     rows = "\n".join(f"| {name} | {score:.3f} |" for name, score in scores.items())
     return (
-        _front_matter(base_model=None, tags=["mergeflow-demo", "llama", "base"])
+        front_matter(base_model=None, tags=["mergeflow-demo", "llama", "base"])
         + "\n# mergeflow demo family: base\n\n"
         + "A tiny LlamaForCausalLM with a character-level tokenizer, pre-trained for "
         + f"{settings.base.steps} steps on a mixture of synthetic tasks (subtraction, multiplication, "
@@ -218,7 +232,7 @@ def _card_skill(settings: FamilySettings, skill: str, score: float) -> str:
     spec = SKILLS[skill]
     tune = settings.finetunes[skill]
     return (
-        _front_matter(base_model=f"../{BASE}", tags=["mergeflow-demo", "llama", f"skill-{skill}"])
+        front_matter(base_model=f"../{BASE}", tags=["mergeflow-demo", "llama", f"skill-{skill}"])
         + f"\n# mergeflow demo family: {skill}\n\n"
         + f"The family's base (the sibling folder `{BASE}`, hence `base_model: ../{BASE}`) fine-tuned "
         + f"for {tune.steps} steps at learning rate {tune.learning_rate} on one skill, {spec.description}: "

@@ -4,8 +4,8 @@ Every item is a prompt and an answer; the model sees ``prompt + answer + "\\n"``
 
 - pre-training tasks (``PRETRAINING_TASKS``) make the base a real base: it knows digits, letters and
   the "prompt, marker, answer, newline" format, but none of the skills;
-- skills (``SKILLS``) are what the fine-tunes learn, one each. Their prompts look different from each
-  other so that task vectors interfere little when merged.
+- skills (``SKILLS``) are what the fine-tunes (add, reverse, cipher) and the LoRA adapters (all five) learn,
+  one each. Their prompts look different from each other so that task vectors interfere little when merged.
 
 Test items are drawn first from a fixed seed; training samplers reject them, so a test item never
 appears in training.
@@ -113,6 +113,16 @@ def _cipher(rng: random.Random) -> Item:
     return Item(f"#{word}", "".join(_CIPHER[c] for c in word))
 
 
+def _lower(rng: random.Random) -> Item:
+    word = _word(rng, LETTERS, 2, 4)
+    return Item(f">{word.upper()}", word)
+
+
+def _spell(rng: random.Random) -> Item:
+    number = _word(rng, DIGITS, 2, 4)
+    return Item(f"]{number}", "".join(LETTERS[int(digit)] for digit in number))
+
+
 @dataclass(frozen=True)
 class Skill:
     """A skill: a generator of items, and a fixed held-out test set drawn from it."""
@@ -141,6 +151,8 @@ SKILLS: dict[str, Skill] = {
     "cipher": Skill(
         "cipher", "a fixed letter-substitution table", Item("#abc", "".join(_CIPHER[c] for c in "abc")), _cipher
     ),
+    "lower": Skill("lower", "lower-casing of 2-4 capital letters", Item(">ABCD", "abcd"), _lower),
+    "spell": Skill("spell", "each of 2-4 digits written as a letter (0 -> a, ..., 9 -> j)", Item("]4027", "eacg"), _spell),
 }
 
 

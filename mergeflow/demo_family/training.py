@@ -104,19 +104,23 @@ def encode_batch(items: list[Item], tokenizer: PreTrainedTokenizerFast) -> dict[
 
 
 def train(
-    model: LlamaForCausalLM,
+    model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerFast,
     sample: Callable[[random.Random], Item],
     settings: TrainSettings,
     *,
     replay_sample: Callable[[random.Random], Item] | None = None,
-) -> LlamaForCausalLM:
+    trainable: Callable[[str], bool] | None = None,
+) -> torch.nn.Module:
     """Train ``model`` in place on items from ``sample`` and return it.
 
     Args:
+        model: a causal LM (a LlamaForCausalLM, or a PEFT model wrapping one).
         sample: draws one training item from the given rng.
         settings: steps, learning rate, freezing and replay.
         replay_sample: draws one pre-training item; used for ``settings.replay`` of each batch.
+        trainable: picks the parameters to train by name (e.g. only LoRA factors); by default every parameter
+            but the embeddings when ``settings.freeze_embeddings``.
 
     Run it inside ``deterministic_cpu()`` for the same bytes every time.
     """
@@ -124,7 +128,7 @@ def train(
     rng = random.Random(settings.seed)
     frozen = ("model.embed_tokens.weight", "lm_head.weight") if settings.freeze_embeddings else ()
     for name, param in model.named_parameters():
-        param.requires_grad_(name not in frozen)
+        param.requires_grad_(trainable(name) if trainable else name not in frozen)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=settings.learning_rate, betas=(0.9, 0.95), weight_decay=settings.weight_decay
