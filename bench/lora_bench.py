@@ -8,7 +8,9 @@ and --runs times, each in a fresh process after a sync, with wall time and peak 
 
 - ``mergeflow merge`` of each merge_bench recipe (default linear and ties) over ``ft_1, ft_2`` and over
   ``base+adapter_1, base+adapter_2``, and of ``linear`` over one source alone (``apply``: ft_1 alone vs
-  base+adapter_1, the adapter merged into its base);
+  base+adapter_1, the adapter merged into its base); and over ``applied``: full models holding exactly
+  base+adapter_i's weights (written once by mergeflow), the same merge on full fine-tunes with the same deltas
+  (the bench's own fine-tunes have other deltas, and TIES's exact top-k costs differ with the data);
 - PEFT's own path for ``apply``: ``PeftModel.from_pretrained`` + ``merge_and_unload`` + ``save_pretrained``
   (its output is compared with mergeflow's tensor by tensor), and for the five adapters
   ``add_weighted_adapter`` (``cat``, ``linear``, ``ties``) + saving the combined adapter;
@@ -28,6 +30,7 @@ import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import zlib
@@ -102,13 +105,31 @@ def write_adapter(folder: Path, base: Path, index: int, update_std: float) -> Pa
 # --------------------------------------------------------------------------- recipes
 
 
-def lora_recipes(folders: dict[str, Path], adapters: list[Path], methods: list[str]) -> dict[str, dict[str, dict]]:
-    """variant -> method -> recipe: merge_bench's recipes over the fine-tunes (``full``) and over base+adapter (``lora``),
-    plus ``apply``: one source alone, weight 1."""
-    base = folders["base"]
-    adapted = {"base": base, "ft_1": Path(f"{base}+{adapters[0]}"), "ft_2": Path(f"{base}+{adapters[1]}")}
+def adapted_models(base: Path, adapters: list[Path]) -> dict[str, Path]:
+    """merge_bench's family names for ``base+adapter_1`` and ``base+adapter_2``."""
+    return {"base": base, "ft_1": Path(f"{base}+{adapters[0]}"), "ft_2": Path(f"{base}+{adapters[1]}")}
+
+
+def applied_models(base: Path, adapters: list[Path], cache: Path, mergeflow: str) -> dict[str, Path]:
+    """Full fine-tunes holding exactly the adapted weights (``base+adapter_i`` merged alone, weight 1, written once):
+    a merge over them sees the same deltas as over the adapters, so the two differ only in where the weights come from."""
+    applied = {"base": base}
+    for name, source in adapted_models(base, adapters).items():
+        folder = cache / f"applied-{Path(str(source)).name.split('+')[-1]}-{adapters[0].parent.name}"
+        if name != "base" and not (folder / "config.json").exists():
+            recipe = cache / f"{folder.name}.yaml"
+            recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(source), "parameters": {"weight": 1.0}}], "dtype": "bfloat16"}))
+            subprocess.run([mergeflow, "merge", str(recipe), str(folder)], check=True, capture_output=True)
+        if name != "base":
+            applied[name] = folder
+    return applied
+
+
+def lora_recipes(variants: dict[str, dict[str, Path]], methods: list[str]) -> dict[str, dict[str, dict]]:
+    """variant -> method -> recipe: merge_bench's recipes over each variant's family (``full``: the bench's fine-tunes;
+    ``lora``: base+adapter; ``applied``: full models holding base+adapter's weights), plus ``apply``: one source alone."""
     out: dict[str, dict[str, dict]] = {}
-    for variant, family in (("full", folders), ("lora", adapted)):
+    for variant, family in variants.items():
         alone = {"merge_method": "linear", "models": [{"model": str(family["ft_1"]), "parameters": {"weight": 1.0}}], "dtype": "bfloat16"}
         out[variant] = {"apply": alone, **{m: recipes(family)[m] for m in methods}}
     return out
@@ -196,7 +217,10 @@ def main() -> None:
     mergeflow = str(Path(sys.executable).with_name("mergeflow"))
     out = args.cache / "out-lora-bench"
     commands: dict[str, list[str]] = {}
-    for variant, by_method in (lora_recipes(folders, adapters, args.methods.split(",")) if args.methods else {}).items():
+    variants = {"full": folders, "lora": adapted_models(folders["base"], adapters)}
+    if args.methods:
+        variants["applied"] = applied_models(folders["base"], adapters, args.cache, mergeflow)
+    for variant, by_method in (lora_recipes(variants, args.methods.split(",")) if args.methods else {}).items():
         for method, recipe in by_method.items():
             path = args.cache / f"lora-bench-{variant}-{method}.yaml"
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -251,14 +275,14 @@ def main() -> None:
     peak = {k: statistics.median(v) for k, v in rss.items() if v}
     print(f"\nmedian of {args.runs} runs, {os.cpu_count()} cores, warm page cache, 1-minute load average before the runs "
           f"{min(loads):.2f}-{max(loads):.2f} (median {statistics.median(loads):.2f}), update std {args.update_std:g}\n")
-    print("| what | wall s (runs) | median s | peak RSS GB | LoRA / full: time | LoRA / full: RSS |")
-    print("|---|---|---|---|---|---|")
+    print("| what | wall s (runs) | median s | peak RSS GB | LoRA / full: time | LoRA / full: RSS | LoRA / applied: time | LoRA / applied: RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for label in commands:
         if label in failed:
-            print(f"| {label} | FAILED: {failed[label]} | | | | |")
+            print(f"| {label} | FAILED: {failed[label]} | | | | | | |")
             continue
-        full = label.replace(" lora", " full")
-        ratio = f"{median[label] / median[full]:.2f} | {peak[label] / peak[full]:.2f}" if label.endswith(" lora") else " | "
+        ratio = " | ".join(f"{median[label] / median[other]:.2f} | {peak[label] / peak[other]:.2f}" if other in median else " | "
+                           for other in (label.replace(" lora", " full"), label.replace(" lora", " applied"))) if label.endswith(" lora") else " |  |  | "
         print(f"| {label} | {', '.join(f'{w:.1f}' for w in walls[label])} | {median[label]:.1f} | {peak[label]:.2f} | {ratio} |")
     if check:
         print(f"\nmergeflow apply lora vs PEFT merge_and_unload: {check}")
