@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from merge_ops.adapter_combination import COMBINATIONS, CombinationOptions, combine_module
 from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, RecipeError
-from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, module_scale, read_adapter_config
+from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, module_scale, read_adapter_headers
 from merge_ops.output_folder import staged_output
 from merge_ops.recipe import ModelRef, Recipe
 from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, StreamingSafetensorsWriter, tensor_nbytes
@@ -135,14 +135,14 @@ class _Adapter:
 def _read(adapter: AdapterInput) -> _Adapter:
     """Config and factor headers of one adapter folder; every unsupported option or tensor refused by name."""
     folder = Path(adapter.folder).resolve()
-    config = read_adapter_config(adapter.key, folder)
+    headers = read_adapter_headers(adapter.key, folder)
+    config = headers.config
     used = [name for option, name in REFUSED.items() if config.get(option)]
     if used:
         raise ModelNotFoundError(adapter.key, f"the adapter uses {', '.join(used)}; adapter-space merges combine LoRA factors only, "
                                  "merge into a model (`output: model`) instead")
-    with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as handle:
-        shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
-        dtypes = {name: handle.get_slice(name).get_dtype() for name in shapes}
+    shapes = {name: shape for name, (_, shape) in headers.tensors.items()}
+    dtypes = {name: dtype for name, (dtype, _) in headers.tensors.items()}
     modules, others = {}, []
     for name, shape in shapes.items():
         pair = next(((a, b) for a, b in FACTOR_NAMES if name.endswith(a)), None)
