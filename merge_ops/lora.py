@@ -198,13 +198,18 @@ def apply_lora(weight: torch.Tensor, term: LoraTerm, factors: tuple[torch.Tensor
     ``factors`` are the term's A and B as stored (whole tensors: the caller keeps them loaded across a tensor's row
     blocks). The update is computed ``CHUNK_ELEMENTS`` at a time, so a whole large tensor needs no float32 copy.
     """
-    a, b = factors
+    a, b = (f.float() for f in factors)
     first = rows[0] if rows else 0
     out = torch.empty_like(weight)
-    step = max(1, CHUNK_ELEMENTS // max(1, math.prod(weight.shape[1:])))
+    width = math.prod(weight.shape[1:])
+    step = max(1, CHUNK_ELEMENTS // max(1, width))
+    buffer = torch.empty(min(step, weight.shape[0]) * width)  # reused: a fresh allocation per chunk costs page faults
     for start in range(0, weight.shape[0], step):
         end = min(start + step, weight.shape[0])
         lo, hi = first + start, first + end
-        delta = (b.float() @ a[:, lo:hi].float()).T if term.transpose else b[lo:hi].float() @ a.float()
-        out[start:end] = delta.mul_(term.scale).add_(weight[start:end].float())
+        if term.transpose:
+            delta = torch.mm(b, a[:, lo:hi], out=buffer[:(end - start) * width].view(width, end - start)).T
+        else:
+            delta = torch.mm(b[lo:hi], a, out=buffer[:(end - start) * width].view(end - start, width))
+        out[start:end] = delta.mul_(term.scale).add_(weight[start:end])
     return out
