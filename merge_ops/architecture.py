@@ -7,6 +7,11 @@ from typing import Any
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 PRE_LAYER_MARKERS = ("embed", "wte", "wpe")
+VOCABULARY_TENSORS = (
+    "embed_tokens.weight", "lm_head.weight", "lm_head.bias", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
+    "embed_in.weight", "embed_out.weight", "output_layer.weight",
+)
+"""Endings of the names of token-indexed tensors (one row per token): input embeddings and output heads."""
 
 
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
@@ -22,6 +27,11 @@ def layer_tensor_name(prefix: str, index: int, rest: str) -> str:
 def is_pre_layer(name: str) -> bool:
     """Embeddings come before the layers; everything else outside layers (final norm, lm_head) after."""
     return any(marker in name for marker in PRE_LAYER_MARKERS)
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """A tensor outside the layers with one row per token: ``model.embed_tokens.weight``, ``lm_head.weight``, ..."""
+    return split_layer_name(name) is None and (name.endswith(VOCABULARY_TENSORS) or name == "output.weight")
 
 
 def layer_count_key(config: dict[str, Any]) -> str:

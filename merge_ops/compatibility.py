@@ -1,7 +1,8 @@
 """Can these models be merged? A structured report from configs and safetensors headers only.
 
 Checked against the reference model (the recipe's base, else its first model): architecture and
-model_type, the config keys that fix tensor shapes, vocabulary size (and which tensors it explains),
+model_type, the config keys that fix tensor shapes, vocabularies (sizes, which tensors they explain, and with local
+tokenizers which tokens differ; a problem unless the recipe sets a tokenizer policy or ``unsafe_truncate_embeddings``),
 tensor names and shapes (per layer for slice recipes, so passthrough frankenmerges of different depths
 pass), dtypes, the base model each fine-tune declares in its card, and for LoRA adapters the base they were trained
 on, their modules against the base's tensors, rank and alpha. ``merge_ops.weight_space`` adds the
@@ -19,6 +20,7 @@ from merge_ops.architecture import split_layer_name
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.headers import ModelHeaders, TensorHeader
 from merge_ops.recipe import ModelRef, Recipe, Slice, SliceSource, adapter_base
+from merge_ops.vocabulary import vocabulary_difference, vocabulary_files
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
@@ -133,16 +135,62 @@ def _config_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
         want, got = ref.config.get(key), other.config.get(key)
         if want != got:
             found.append(Finding(severity="problem", model=other.key, check="config", message=f"{key} is {got!r}, the reference {ref.key} has {want!r}"))
-    want, got = ref.config.get("vocab_size"), other.config.get("vocab_size")
-    if want != got:
-        vocab_tensors = [n for n, t in other.tensors.items() if t.shape[:1] == (got,) and n in ref.tensors and ref.tensors[n].shape[:1] == (want,)]
-        found.append(Finding(
-            severity="problem", model=other.key, check="vocabulary",
-            message=f"vocab_size is {got}, the reference {ref.key} has {want} ({(got or 0) - (want or 0):+d} tokens), so "
-            f"{_names(vocab_tensors) or 'the embedding tensors'} have {got} rows, not {want}: mergeflow merges models with the "
-            "same vocabulary only; use fine-tunes that kept the base tokenizer, or resize their embeddings to the base's first",
-        ))
     return found
+
+
+Policy = Literal["refuse", "tokenizer", "truncate"]
+"""What a recipe does about different vocabularies: nothing (they are a problem), a tokenizer policy, or truncation."""
+
+
+def _policy(recipe: Recipe) -> Policy:
+    if recipe.tokenizer is not None or recipe.tokenizer_source is not None:
+        return "tokenizer"
+    return "truncate" if recipe.unsafe_truncate_embeddings else "refuse"
+
+
+def _tokens(tokens: list[str]) -> str:
+    return _names([repr(t) for t in tokens])
+
+
+def _vocabulary_findings(ref: ModelHeaders, other: ModelHeaders, policy: Policy) -> list[Finding]:
+    """Vocabularies of other sizes (by config vocab_size), and, when both tokenizers are local, the tokens that differ."""
+    sizes = _vocab_difference(ref, other)
+    if sizes is None and vocabulary_files(ref) == vocabulary_files(other):
+        return []
+    difference = vocabulary_difference(ref, other)
+    if sizes is None:  # same size: only a problem if the same ids mean other tokens
+        if difference is None or not (difference.extra or difference.missing or difference.moved):
+            return []
+        changed = difference.moved + difference.extra
+        if policy == "tokenizer":
+            return [Finding(severity="note", model=other.key, check="vocabulary",
+                            message=f"its tokenizer has other tokens at {len(changed)} id(s) than {ref.key}'s ({_tokens(changed)}): rows are lined up by token")]
+        return [Finding(severity="warning", model=other.key, check="vocabulary",
+                        message=f"its tokenizer has other tokens at {len(changed)} id(s) than {ref.key}'s ({_tokens(changed)}), so those rows of the "
+                        "embeddings would be merged across different tokens; set `tokenizer_source: union` (or `base`) to line them up by token")]
+    want, got = sizes
+    detail = ""
+    if difference is not None:
+        parts = ([f"{len(difference.extra)} token(s) {ref.key} lacks: {_tokens(difference.extra)}"] if difference.extra else []) + (
+            [f"lacks {len(difference.missing)} of its tokens: {_tokens(difference.missing)}"] if difference.missing else []) + (
+            [f"{len(difference.moved)} token(s) at other ids: {_tokens(difference.moved)}"] if difference.moved else [])
+        detail = f"; it has {', '.join(parts)}" if parts else "; the tokenizers hold the same tokens (the rows past them are padding)"
+    sized = f"vocab_size is {got}, the reference {ref.key} has {want} ({got - want:+d} tokens){detail}"
+    if policy == "tokenizer":
+        return [Finding(severity="note", model=other.key, check="vocabulary", message=f"{sized}: the recipe's tokenizer policy lines the rows up by token")]
+    if policy == "truncate":
+        return [Finding(severity="warning", model=other.key, check="vocabulary",
+                        message=f"{sized}: unsafe_truncate_embeddings merges only the first {min(want, got)} rows of the token-indexed tensors, "
+                        "which must mean the same tokens in every model; the rest are dropped")]
+    vocab_tensors = [n for n, t in other.tensors.items() if t.shape[:1] == (got,) and n in ref.tensors and ref.tensors[n].shape[:1] == (want,)]
+    fixes = ["`tokenizer_source: union` (every model's tokens)", f"`tokenizer_source: base` ({ref.key}'s {want} tokens)"]
+    if difference is not None and difference.superset:
+        fixes.append(f"`tokenizer_source: {other.key}` (its vocabulary holds all of {ref.key}'s)")
+    return [Finding(
+        severity="problem", model=other.key, check="vocabulary",
+        message=f"{sized}, so {_names(vocab_tensors) or 'the embedding tensors'} have {got} rows, not {want}: set {' or '.join(fixes)} to line the rows "
+        f"up by token, or `unsafe_truncate_embeddings: true` to merge only the first {min(want, got)} rows (mergekit's --unsafe-truncate-embeddings)",
+    )]
 
 
 def _shape_findings(model: str, ref_key: str, pairs: list[tuple[str, TensorHeader, TensorHeader]], vocab: tuple[int, int] | None) -> list[Finding]:
@@ -175,8 +223,8 @@ def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
 
 def pair_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     """What keeps ``other`` from lining up with ``ref`` tensor for tensor: architecture, shape-fixing config keys,
-    vocabulary, tensor names and shapes (all problems)."""
-    return _config_findings(ref, other) + _tensor_findings(ref, other)
+    vocabulary, tensor names and shapes (problems; a warning when same-sized vocabularies hold other tokens)."""
+    return _config_findings(ref, other) + _vocabulary_findings(ref, other, "refuse") + _tensor_findings(ref, other)
 
 
 def _slice_reference(sl: Slice, reference: str) -> SliceSource:
@@ -335,7 +383,7 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
     findings: list[Finding] = []
     for key, h in headers.items():
         if key != reference:
-            findings += _config_findings(ref, h)
+            findings += _config_findings(ref, h) + _vocabulary_findings(ref, h, _policy(recipe))
             findings += _tensor_findings(ref, h) if recipe.slices is None else []
     if recipe.slices is not None:
         findings += _slice_findings(recipe, headers, reference)

@@ -19,6 +19,7 @@ from merge_ops.model_folder import write_model_files
 from merge_ops.output_folder import staged_output
 from merge_ops.plan import MergePlan, TensorJob, torch_dtype
 from merge_ops.safetensors_io import DTYPE_NAMES, StreamingSafetensorsWriter, TensorBlocks, tensor_nbytes
+from merge_ops.vocabulary_rows import line_up
 
 BLOCK_ELEMENTS = 1 << 20
 """Elementwise methods merge tensors larger than this in row blocks of about this many elements."""
@@ -64,12 +65,13 @@ def check_device(device: str) -> torch.device:
 
 
 def split_into_pieces(plan: MergePlan, index: int) -> list[Piece]:
-    """The shard's tensors in order; large tensors of elementwise methods as row blocks."""
+    """The shard's tensors in order; large tensors of elementwise methods as row blocks (except token-indexed tensors
+    whose rows are lined up with the merged vocabulary: padding rows are a mean over all rows)."""
     elementwise = get_method(plan.method).elementwise
     pieces = []
     for job in plan.shards[index].tensors:
         numel = math.prod(job.shape)
-        if not (elementwise and job.shape and numel > BLOCK_ELEMENTS):
+        if not (elementwise and job.shape and numel > BLOCK_ELEMENTS) or job.vocabulary is not None:
             pieces.append(Piece(job))
             continue
         step = max(1, BLOCK_ELEMENTS // (numel // job.shape[0]))
@@ -120,6 +122,8 @@ class InputReader:
         factors = self.factors.read(keys, None)
         pairs = iter(zip(factors[::2], factors[1::2], strict=True))  # (A, B) of each LoRA source, in order
         tensors = [self._prepare(apply_lora(t, s.lora, next(pairs), piece.rows) if s.lora else t) for t, s in zip(tensors, sources, strict=True)]
+        if job.vocabulary is not None:
+            tensors = line_up(tensors, job.vocabulary)
         return (tensors[:-1], tensors[-1]) if job.base else (tensors, None)
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:

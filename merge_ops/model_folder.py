@@ -11,6 +11,7 @@ import yaml
 from merge_ops.architecture import layer_count_key
 from merge_ops.plan import MergePlan
 from merge_ops.safetensors_io import INDEX_FILE
+from merge_ops.vocabulary import build_tokenizers
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -51,6 +52,9 @@ def write_config(plan: MergePlan, out_dir: Path) -> None:
     for key in per_layer if plan.layer_origins else []:
         origin_configs = {m: json.loads((Path(plan.sources[m]) / "config.json").read_text()) for m, _ in plan.layer_origins}
         config[key] = [origin_configs[m][key][i] for m, i in plan.layer_origins]
+    if plan.vocab_size is not None:
+        holder = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
+        holder["vocab_size"] = plan.vocab_size
     dtype = plan.out_dtype or _stored_dtype(plan)
     config["torch_dtype"] = dtype
     if "dtype" in config:
@@ -67,13 +71,18 @@ def _stored_dtype(plan: MergePlan) -> str:
 
 
 def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
-    """Copy the tokenizer files of the tokenizer source; apply a chat template if the recipe sets one."""
-    if plan.tokenizer_from is None:
+    """The merged vocabulary's tokenizer (built from the models' tokenizers), else a copy of the tokenizer source's files;
+    then the chat template, if the recipe sets one."""
+    if plan.tokenizer_build is not None:
+        tokenizer, _ = build_tokenizers(plan.tokenizer_build, {key: Path(path) for key, path in plan.sources.items()})
+        tokenizer.save_pretrained(str(out_dir), safe_serialization=True)
+    elif plan.tokenizer_from is None:
         return
-    source = Path(plan.sources[plan.tokenizer_from])
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copyfile(source / name, out_dir / name)
+    else:
+        source = Path(plan.sources[plan.tokenizer_from])
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copyfile(source / name, out_dir / name)
     template = plan.chat_template
     if template and template != "auto":
         template = CHAT_TEMPLATES.get(template, template)

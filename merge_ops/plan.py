@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_name
+from merge_ops.architecture import is_pre_layer, is_vocabulary_tensor, layer_tensor_name, split_layer_name
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
@@ -25,6 +25,8 @@ from merge_ops.methods.registry import get_method
 from merge_ops.parameters import NOT_SET, layer_position, lookup
 from merge_ops.recipe import ModelRef, Parameters, Recipe, adapter_base
 from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, tensor_nbytes
+from merge_ops.vocabulary import OutputTokenizer, Vocabularies, plan_vocabulary, truncated_rows
+from merge_ops.vocabulary_rows import VocabularyRows
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "mergekit")
@@ -58,6 +60,8 @@ class TensorJob(BaseModel):
     base: TensorSource | None
     params: dict[str, Any]
     seed: int
+    vocabulary: VocabularyRows | None = Field(default=None, exclude_if=lambda value: value is None)
+    """For a token-indexed tensor whose inputs' vocabularies differ: how each input's rows line up with the output's."""
 
     @property
     def nbytes(self) -> int:
@@ -94,6 +98,10 @@ class MergePlan(BaseModel):
     layer_origins: list[tuple[str, int]]
     out_dtype: str | None
     shards: list[ShardJob]
+    vocab_size: int | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The config's vocab_size when the merge changes it (the merged vocabulary's rows)."""
+    tokenizer_build: OutputTokenizer | None = Field(default=None, exclude_if=lambda value: value is None)
+    """The merged vocabulary's tokenizer, built from the models' tokenizers instead of copied from ``tokenizer_from``."""
 
     @property
     def tensor_count(self) -> int:
@@ -156,8 +164,8 @@ def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]
 
 
 class _Planner:
-    def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]) -> None:
-        self.recipe, self.method, self.models = recipe, method, models
+    def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders], vocabularies: Vocabularies | None) -> None:
+        self.recipe, self.method, self.models, self.vocabularies = recipe, method, models, vocabularies
         self.problems: list[str] = []
         out = recipe.out_dtype or recipe.dtype
         self.out_dtype = DTYPE_NAMES[getattr(torch, out)] if out else None
@@ -175,6 +183,12 @@ class _Planner:
             self.problems.append(f"{name}: {self.method.name} needs the base model {base_key} among the inputs of every slice")
             return None
         others = [(src, params) for ref, src, params in found if ref.key != base_key]
+        shape = self.models[members[0][0].key].tensors[members[0][1]].shape
+        vocabulary = self.vocabulary_rows(name, members, base_key) if is_vocabulary_tensor(name) else None
+        if vocabulary is not None:
+            shape = (vocabulary.rows, *shape[1:])
+        elif len({self.models[ref.key].tensors[n].shape for ref, n, _ in members}) > 1:
+            self.problems.append(f"{name}: its inputs have different shapes and mergeflow does not know it as a token-indexed tensor")
         resolved: dict[str, Any] = {}
         for pname, param in self.method.params.items():
             if param.per_model:
@@ -194,12 +208,27 @@ class _Planner:
         return TensorJob(
             name=name,
             dtype=self.out_dtype or found[0][1].dtype,
-            shape=self.models[members[0][0].key].tensors[members[0][1]].shape,
+            shape=shape,
             inputs=[src for src, _ in others],
             base=base,
             params=resolved,
             seed=tensor_seed(self.recipe.seed, name),
+            vocabulary=vocabulary,
         )
+
+    def vocabulary_rows(self, name: str, members: list[tuple[ModelRef, str, Parameters]], base_key: str | None) -> VocabularyRows | None:
+        """How the inputs of a token-indexed tensor line up: by the merged vocabulary, or (``unsafe_truncate_embeddings``)
+        over their common first rows; None when they already do."""
+        others = [ref.key for ref, _, _ in members if ref.key != base_key]
+        index = {key: i for i, key in enumerate(others)} | ({base_key: len(others)} if base_key else {})
+        listed = [(ref.key, index[ref.key], self.models[ref.key].tensors[n].shape[0]) for ref, n, _ in members]
+        try:
+            if self.vocabularies is not None:
+                return self.vocabularies.rows_for(name, listed)
+            return truncated_rows([rows for _, _, rows in listed]) if self.recipe.unsafe_truncate_embeddings else None
+        except RecipeError as err:
+            self.problems += err.problems
+            return None
 
     def jobs(self, slices: list[_Slice]) -> tuple[list[TensorJob], list[tuple[str, int]]]:
         def reference(sl: _Slice) -> ModelHeaders:
@@ -251,21 +280,9 @@ def assign_shards(jobs: list[TensorJob], shard_size: int) -> list[ShardJob]:
     return [ShardJob(file=f"model-{i + 1:05d}-of-{n:05d}.safetensors", tensors=g) for i, g in enumerate(groups)]
 
 
-VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-
-
-def _vocabulary(model: ModelHeaders) -> bytes:
-    folder = model.path or Path()
-    return b"".join((folder / f).read_bytes() for f in VOCABULARY_FILES if (folder / f).exists())
-
-
-def _tokenizer_source(recipe: Recipe, first: str, models: dict[str, ModelHeaders]) -> str | None:
+def _tokenizer_source(recipe: Recipe, first: str) -> str:
     choice = recipe.tokenizer.source if recipe.tokenizer else recipe.tokenizer_source
     base = recipe.base_model.key if recipe.base_model else first
-    if choice == "union" and len({_vocabulary(m) for m in models.values()}) > 1:
-        raise RecipeError(
-            ["tokenizer_source: 'union' of different vocabularies is not supported yet; use `base` or one model's tokenizer"]
-        )
     if choice in (None, "base", "union"):
         return base
     return ModelRef.model_validate(choice).key
@@ -303,11 +320,13 @@ def plan_merge(
     models = {ref.key: given[ref.key] for ref in recipe.referenced_models}
     (checked or compatibility_report(recipe, models)).raise_for_problems()
     slices = _slices(recipe, method, models)
-    jobs, origins = _Planner(recipe, method, models).jobs(slices)
     config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key
-    tokenizer_from = _tokenizer_source(recipe, config_from, models)
+    tokenizer_from = _tokenizer_source(recipe, config_from)
     if tokenizer_from not in models:
         raise RecipeError([f"tokenizer_source: {tokenizer_from!r} is not one of the recipe's models ({', '.join(models)})"])
+    vocabularies = plan_vocabulary(recipe, models)
+    jobs, origins = _Planner(recipe, method, models, vocabularies).jobs(slices)
+    lined_up = next((j.vocabulary.rows for j in jobs if j.vocabulary), None)
     return MergePlan(
         method=method.name,
         recipe_text=recipe.text,
@@ -322,6 +341,8 @@ def plan_merge(
         layer_origins=origins,
         out_dtype=recipe.out_dtype or recipe.dtype,
         shards=assign_shards(jobs, shard_size),
+        vocab_size=vocabularies.rows if vocabularies else lined_up,
+        tokenizer_build=vocabularies.tokenizer if vocabularies else None,
     )
 
 

@@ -113,23 +113,61 @@ class Slice(BaseModel):
         return self
 
 
-class TokenizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    source: str = "base"
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+class ModelTokenSource(BaseModel):
+    """``{kind: model_token, model: M, token: T}`` (or ``token_id: N``): the row of token T (id N) in model M's own tensor."""
 
-    @field_validator("tokens")
-    @classmethod
-    def _no_tokens(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value:
-            raise ValueError("per-token embedding sources are not supported yet; remove tokenizer.tokens")
-        return value
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: ModelRef
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of `token` or `token_id`")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """``{kind: zero}``: a row of zeros."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """Where a token's embedding and lm_head rows come from, for models that lack the token (or, with ``force``, for all)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ModelTokenSource | ZeroSource | ModelRef | None = Field(default=None, union_mode="left_to_right")
+    """A model (its row of this token), one row of a model, or zeros; None: the models' own rows only."""
+    force: bool = False
+
+    @model_validator(mode="after")
+    def _force_needs_source(self) -> TokenEmbedding:
+        if self.force and self.source is None:
+            raise ValueError("force needs a source: a model, {kind: model_token, model: M, token: T} or {kind: zero}")
+        return self
+
+    @property
+    def source_model(self) -> ModelRef | None:
+        """The model the source reads, if any."""
+        return self.source.model if isinstance(self.source, ModelTokenSource) else self.source if isinstance(self.source, ModelRef) else None
+
+
+class TokenizerConfig(BaseModel):
+    """mergekit's ``tokenizer:`` block: the output vocabulary (``source``), tokens to add or re-source, padding."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class Recipe(BaseModel):
-    """A merge recipe (mergekit schema, plus mergeflow's optional ``seed`` for random methods, ``output`` and
-    ``allow_adapter_base_mismatch``).
+    """A merge recipe (mergekit schema, plus mergeflow's optional ``seed`` for random methods, ``output``,
+    ``allow_adapter_base_mismatch`` and ``unsafe_truncate_embeddings``).
 
     Loaded once per run (``merge_ops.recipe_file.load_recipe``), it carries the text it was read from and
     that file's path, for the plan, the model card and the lineage.
@@ -154,6 +192,9 @@ class Recipe(BaseModel):
     """``adapter``: combine LoRA adapters of one base into one adapter (``merge_method`` a PEFT combination type)."""
     allow_adapter_base_mismatch: bool = False
     """Apply LoRA adapters to a base other than the one they declare (a warning instead of a problem)."""
+    unsafe_truncate_embeddings: bool = False
+    """Without a tokenizer policy, merge embeddings of different vocabulary sizes over their common first rows (mergekit's
+    ``--unsafe-truncate-embeddings``): a warning instead of a problem. Token ids must mean the same in those rows."""
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
@@ -161,6 +202,13 @@ class Recipe(BaseModel):
             raise ValueError("give exactly one of `models` or `slices`")
         if self.tokenizer and self.tokenizer_source:
             raise ValueError("give either `tokenizer_source` or `tokenizer`, not both")
+        if self.unsafe_truncate_embeddings and (self.tokenizer or self.tokenizer_source):
+            raise ValueError("unsafe_truncate_embeddings: the tokenizer policy already lines the vocabularies up; remove one of them")
+        models = self.referenced_models
+        for token, embedding in ((self.tokenizer.tokens or {}) if self.tokenizer else {}).items():
+            source = embedding.source_model
+            if source is not None and source not in models:
+                raise ValueError(f"tokenizer.tokens.{token}.source: {source} is not one of the recipe's models ({', '.join(m.key for m in models)})")
         return self
 
     def with_source(self, text: str, path: Path | None = None) -> Recipe:
@@ -227,7 +275,9 @@ def _location(loc: tuple[Any, ...]) -> str:
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    containers: dict[str, type[BaseModel]] = {"models": InputModel, "slices": Slice, "sources": SliceSource, "tokenizer": TokenizerConfig}
+    containers: dict[str, type[BaseModel]] = {
+        "models": InputModel, "slices": Slice, "sources": SliceSource, "tokenizer": TokenizerConfig, "tokens": TokenEmbedding,
+    }
     parents = [part for part in loc[:-1] if isinstance(part, str) and part in containers]
     model = containers[parents[-1]] if parents else Recipe
     return list(model.model_fields)
