@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_serializer, model_validator
 
 from merge_ops.errors import RecipeError
 
@@ -136,11 +136,24 @@ class ZeroSource(BaseModel):
     kind: Literal["zero"]
 
 
+def _source_kind(value: Any) -> str:
+    """``kind`` of a token source (``model_token``, ``zero``); anything else is a model reference."""
+    if isinstance(value, dict):
+        return str(value.get("kind", "model"))
+    return str(getattr(value, "kind", "model"))
+
+
+TokenSource = Annotated[
+    Annotated[ModelTokenSource, Tag("model_token")] | Annotated[ZeroSource, Tag("zero")] | Annotated[ModelRef, Tag("model")],
+    Discriminator(_source_kind),
+]
+
+
 class TokenEmbedding(BaseModel):
     """Where a token's embedding and lm_head rows come from, for models that lack the token (or, with ``force``, for all)."""
 
     model_config = ConfigDict(extra="forbid")
-    source: ModelTokenSource | ZeroSource | ModelRef | None = Field(default=None, union_mode="left_to_right")
+    source: TokenSource | None = None
     """A model (its row of this token), one row of a model, or zeros; None: the models' own rows only."""
     force: bool = False
 
