@@ -15,6 +15,11 @@ absolute difference, max distance in units in the last place). Random methods (D
 different random streams in the two tools, so their outputs are compared by statistics of the
 delta to the base instead (fraction of changed entries, mean / std / mean-abs of the delta).
 
+Different vocabularies: ``tests/vocab_family.py`` builds the same family with tokenizers, where ft_a adds ChatML's two
+tokens (66 rows) and ft_neg adds them with its embedding padded to 72 rows; the ``METHOD/POLICY`` recipes merge it with
+``tokenizer_source`` or ``tokenizer:`` (tokens, force, padding), ``@tied`` on a copy with tied embeddings. Their tokenizer
+files (tokenizer.json, tokenizer_config.json) and ``vocab_size`` are compared too.
+
 LoRA sources: a PEFT adapter of the base (rank 4, random non-zero factors on every linear module, built with
 PEFT by ``tests/tiny_family.make_adapter``) is referenced as ``BASE+ADAPTER`` alone (linear) and beside full
 fine-tunes (task_arithmetic, ties); mergekit applies it with PEFT's merge_and_unload into ``--lora-merge-cache``.
@@ -46,6 +51,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from tiny_family import build_family, make_adapter  # noqa: E402
+from vocab_family import CHATML, build_vocab_family  # noqa: E402
 
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -120,6 +126,34 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
         "ties+lora": with_base("ties", {"density": 0.5}, three(), first=adapted),
     }
     return out
+
+
+def vocab_recipes(fam: dict[str, str], tied: dict[str, str], dtype: str) -> dict[str, dict]:
+    """Recipes over the added-token family, each with a tokenizer policy (every one names a base model: without one
+    mergekit takes the tokenizer of whichever model its set of models yields first)."""
+    base, a, b, neg = fam["base"], fam["ft_a"], fam["ft_b"], fam["ft_neg"]
+    weighted = lambda models, **params: [{"model": m, "parameters": {"weight": w, **params}} for m, w in models]  # noqa: E731
+    tokens = {
+        CHATML[0]: {"source": a, "force": True},
+        CHATML[1]: {"source": {"kind": "model_token", "model": base, "token": "</s>"}},
+        "<tool>": {"source": {"kind": "zero"}},
+    }
+    return {
+        "linear/union": {"merge_method": "linear", "base_model": base, "models": weighted([(a, 1.0), (b, 0.5), (base, 0.25)]),
+                         "dtype": dtype, "tokenizer_source": "union"},
+        "task_arithmetic/union": {"merge_method": "task_arithmetic", "base_model": base, "models": weighted([(a, 1.0), (b, 0.5), (neg, 0.7)]),
+                                  "parameters": {"lambda": 0.9}, "dtype": dtype, "tokenizer_source": "union"},
+        "ties/union": {"merge_method": "ties", "base_model": base, "models": weighted([(a, 1.0), (b, 0.5), (neg, 0.7)], density=0.5),
+                       "dtype": dtype, "tokenizer_source": "union"},
+        "ties/base": {"merge_method": "ties", "base_model": base, "models": weighted([(a, 1.0), (b, 0.5), (neg, 0.7)], density=0.5),
+                      "dtype": dtype, "tokenizer_source": "base"},
+        "slerp/model": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": neg}], "parameters": {"t": [0, 0.5, 1]},
+                        "dtype": dtype, "tokenizer_source": neg},
+        "linear/tokens+pad": {"merge_method": "linear", "base_model": base, "models": weighted([(a, 1.0), (b, 0.5), (base, 0.25)]), "dtype": dtype,
+                              "tokenizer": {"source": "union", "tokens": tokens, "pad_to_multiple_of": 32}},
+        "task_arithmetic/union@tied": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
+                                       "models": weighted([(tied["ft_a"], 1.0), (tied["ft_b"], 0.5), (tied["ft_neg"], 0.7)])},
+    }
 
 
 # --------------------------------------------------------------------------- running
@@ -199,7 +233,18 @@ class Result:
 
 
 def config_summary(cfg: dict) -> tuple:
-    return cfg.get("num_hidden_layers"), cfg.get("torch_dtype", cfg.get("dtype"))
+    return cfg.get("num_hidden_layers"), cfg.get("torch_dtype", cfg.get("dtype")), cfg.get("vocab_size")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def tokenizer_note(mk_dir: Path, mf_dir: Path) -> str:
+    """How the tokenizer files of the two outputs compare ("" when mergekit wrote none)."""
+    if not (mk_dir / "tokenizer.json").exists():
+        return ""
+    same = [f for f in TOKENIZER_FILES if (mf_dir / f).exists() and (mk_dir / f).read_bytes() == (mf_dir / f).read_bytes()]
+    return "tokenizer files identical" if len(same) == len(TOKENIZER_FILES) else f"TOKENIZER FILES DIFFER ({', '.join(sorted(set(TOKENIZER_FILES) - set(same)))})"
 
 
 def delta_stats(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
@@ -230,6 +275,8 @@ def compare(method: str, case: str, mk_dir: Path, mf_dir: Path, base: dict[str, 
     keys = [next((k for k in ("torch_dtype", "dtype") if k in c), None) for c in (mk_cfg, mf_cfg)]
     if keys[0] != keys[1]:
         res.config += f" (dtype key: mergekit {keys[0]!r}, mergeflow {keys[1]!r})"
+    tokenizer = tokenizer_note(mk_dir, mf_dir)
+    res.config += f"; {tokenizer}" if tokenizer else ""
     dtypes = set()
     per_tensor = []
     for name in sorted(set(mk) & set(mf)):
@@ -267,7 +314,7 @@ def compare(method: str, case: str, mk_dir: Path, mf_dir: Path, base: dict[str, 
         res.verdict = "bit-identical"
     else:
         res.verdict = f"DIFFERS ({res.total - res.exact} elems, max {res.max_ulp:.3g} ulp)"
-    if res.names != "same" or not res.config.startswith("same") or res.dtype_note:
+    if res.names != "same" or not res.config.startswith("same") or res.dtype_note or "DIFFER" in res.config:
         res.verdict += " + METADATA MISMATCH"
     return res
 
@@ -359,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         for folder in families[label].values():
             add_architectures(Path(folder))
         families[label]["adapter"] = str(make_adapter(Path(families[label]["base"]), root / "adapter", 7, target_modules=LORA_TARGETS))
+        for kind, tied in (("vocab", False), ("vocab-tied", True)):
+            shutil.rmtree(work / f"family-{kind}-{label}", ignore_errors=True)
+            built = build_vocab_family(work / f"family-{kind}-{label}", dtype=dt, shards=args.shards, tied=tied)
+            families[f"{kind}-{label}"] = {k: str(v) for k, v in built.items()}
     lora_cache = work / "lora-merge-cache"  # mergekit's merged BASE+ADAPTER models, keyed by path: stale after a rebuild
     shutil.rmtree(lora_cache, ignore_errors=True)
     base_tensors = {
@@ -376,17 +427,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     mk_cache: dict[tuple[str, str, str], tuple[Path, Run]] = {}
     results: list[Result] = []
-    all_methods = list(recipes(families["float32"], "float32"))
+    every_recipe = lambda label, dtype: {  # noqa: E731
+        **recipes(families[label], dtype), **vocab_recipes(families[f"vocab-{label}"], families[f"vocab-tied-{label}"], dtype),
+    }
+    all_methods = list(every_recipe("float32", "float32"))
     methods = args.methods or all_methods
     for method in methods:
         if method not in all_methods:
             p.error(f"unknown method {method}; known: {', '.join(all_methods)}")
         for case in args.cases:
             family, rdtype, compute = case_defs[case]
-            tag = f"{method}-{family}-{rdtype}"
+            tag = f"{method}-{family}-{rdtype}".replace("/", "-").replace("@", "-")
             recipe_file = work / "recipes" / f"{tag}.yaml"
             recipe_file.parent.mkdir(exist_ok=True)
-            recipe_file.write_text(yaml.safe_dump(recipes(families[family], rdtype)[method], sort_keys=False))
+            recipe_file.write_text(yaml.safe_dump(every_recipe(family, rdtype)[method], sort_keys=False))
             key = (method, family, rdtype)
             if key not in mk_cache:
                 mk_out = work / "out" / f"mergekit-{tag}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from typing import Any
 
 LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks)\.)(?P<index>\d+)\.(?P<rest>.+)$")
@@ -12,6 +13,7 @@ VOCABULARY_TENSORS = (
     "embed_in.weight", "embed_out.weight", "output_layer.weight",
 )
 """Endings of the names of token-indexed tensors (one row per token): input embeddings and output heads."""
+OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
 
 
 def split_layer_name(name: str) -> tuple[str, int, str] | None:
@@ -32,6 +34,14 @@ def is_pre_layer(name: str) -> bool:
 def is_vocabulary_tensor(name: str) -> bool:
     """A tensor outside the layers with one row per token: ``model.embed_tokens.weight``, ``lm_head.weight``, ..."""
     return split_layer_name(name) is None and (name.endswith(VOCABULARY_TENSORS) or name == "output.weight")
+
+
+def tied_stand_in(name: str, names: Collection[str]) -> str | None:
+    """The input embedding that stands in for an output head a model does not store (it ties the two, as
+    ``tie_word_embeddings`` models do); None when the model has ``name`` or it is no output head."""
+    if name in names or not (name.endswith(OUTPUT_HEADS) or name == "output.weight"):
+        return None
+    return next((n for n in names if is_vocabulary_tensor(n) and is_pre_layer(n)), None)
 
 
 def layer_count_key(config: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from merge_ops.architecture import split_layer_name
+from merge_ops.architecture import split_layer_name, tied_stand_in
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.headers import ModelHeaders, TensorHeader
 from merge_ops.recipe import ModelRef, Recipe, Slice, SliceSource, adapter_base
@@ -209,10 +209,26 @@ def _vocab_difference(ref: ModelHeaders, other: ModelHeaders) -> tuple[int, int]
     return (int(want), int(got)) if isinstance(want, int) and isinstance(got, int) and want != got else None
 
 
-def _tensor_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
+def _tied_findings(ref: ModelHeaders, other: ModelHeaders, names: list[str], own: bool) -> tuple[list[str], list[Finding]]:
+    """Of ``names`` that one model lacks (``own``: ``other`` lacks them, else ``ref``), those explained by tied embeddings
+    are notes; the rest are returned."""
+    lacking, having = (other, ref) if own else (ref, other)
+    tied = {n: tied_stand_in(n, lacking.tensors) for n in names}
+    notes = [Finding(severity="note", model=other.key, check="tied_embeddings",
+                     message=(f"stores no {n}: it ties it to {stand_in}, which stands in for it (as mergekit does)" if own else
+                              f"its {n} is not merged: the reference {ref.key} ties its output head to {stand_in}, and so does the merged model"))
+             for n, stand_in in tied.items() if stand_in is not None and n in having.tensors]
+    return [n for n in names if tied[n] is None], notes
+
+
+def _tensor_findings(ref: ModelHeaders, other: ModelHeaders, *, tied: bool = False) -> list[Finding]:
     missing = [n for n in ref.tensors if n not in other.tensors]
     extra = [n for n in other.tensors if n not in ref.tensors]
     found = []
+    if tied:
+        missing, notes = _tied_findings(ref, other, missing, own=True)
+        extra, more = _tied_findings(ref, other, extra, own=False)
+        found += notes + more
     if missing:
         found.append(Finding(severity="problem", model=other.key, check="tensor_names", message=f"lacks {len(missing)} tensor(s) of {ref.key}: {_names(missing)}"))
     if extra:
@@ -243,7 +259,7 @@ def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference:
         ref_source = _slice_reference(slices[number], reference)
         wanted = [n for n in headers[ref_source.model.key].tensors if split_layer_name(n) is None]
         for source in slices[number].sources:
-            missing = [n for n in wanted if n not in headers[source.model.key].tensors]
+            missing = [n for n in wanted if n not in headers[source.model.key].tensors and tied_stand_in(n, headers[source.model.key].tensors) is None]
             if missing:
                 found.append(Finding(severity="problem", model=source.model.key, check="tensor_names",
                                      message=f"slices[{number}]: lacks {len(missing)} tensor(s) of {ref_source.model.key}: {_names(missing)}"))
@@ -384,7 +400,7 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
     for key, h in headers.items():
         if key != reference:
             findings += _config_findings(ref, h) + _vocabulary_findings(ref, h, _policy(recipe))
-            findings += _tensor_findings(ref, h) if recipe.slices is None else []
+            findings += _tensor_findings(ref, h, tied=True) if recipe.slices is None else []
     if recipe.slices is not None:
         findings += _slice_findings(recipe, headers, reference)
     findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers) + _adapter_findings(recipe, headers)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from merge_ops.architecture import is_pre_layer, is_vocabulary_tensor, layer_tensor_name, split_layer_name
+from merge_ops.architecture import is_pre_layer, is_vocabulary_tensor, layer_tensor_name, split_layer_name, tied_stand_in
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
@@ -173,6 +173,7 @@ class _Planner:
     def job(self, name: str, members: list[tuple[ModelRef, str, Parameters]], slice_params: Parameters, t: float) -> TensorJob | None:
         base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.base != "none" else None
         found: list[tuple[ModelRef, TensorSource, Parameters]] = []
+        members = [(ref, tied_stand_in(n, self.models[ref.key].tensors) or n, p) for ref, n, p in members]  # a tied output head: its embedding
         for ref, source_name, params in members:  # names and shapes agree: compatibility_report checked them
             model, header = self.models[ref.key], self.models[ref.key].tensors[source_name]
             source = TensorSource(model=ref.key, file=str(model.file(source_name)), name=header.stored_as or source_name, dtype=header.dtype,
@@ -183,11 +184,10 @@ class _Planner:
             self.problems.append(f"{name}: {self.method.name} needs the base model {base_key} among the inputs of every slice")
             return None
         others = [(src, params) for ref, src, params in found if ref.key != base_key]
-        shape = self.models[members[0][0].key].tensors[members[0][1]].shape
-        vocabulary = self.vocabulary_rows(name, members, base_key) if is_vocabulary_tensor(name) else None
-        if vocabulary is not None:
-            shape = (vocabulary.rows, *shape[1:])
-        elif len({self.models[ref.key].tensors[n].shape for ref, n, _ in members}) > 1:
+        shapes = [self.models[ref.key].tensors[n].shape for ref, n, _ in members]
+        vocabulary = self.vocabulary_rows(name, members, base_key, [s[0] for s in shapes]) if is_vocabulary_tensor(name) else None
+        shape = shapes[0] if vocabulary is None else (vocabulary.rows, *shapes[0][1:])
+        if vocabulary is None and len(set(shapes)) > 1:
             self.problems.append(f"{name}: its inputs have different shapes and mergeflow does not know it as a token-indexed tensor")
         resolved: dict[str, Any] = {}
         for pname, param in self.method.params.items():
@@ -216,16 +216,19 @@ class _Planner:
             vocabulary=vocabulary,
         )
 
-    def vocabulary_rows(self, name: str, members: list[tuple[ModelRef, str, Parameters]], base_key: str | None) -> VocabularyRows | None:
-        """How the inputs of a token-indexed tensor line up: by the merged vocabulary, or (``unsafe_truncate_embeddings``)
-        over their common first rows; None when they already do."""
+    def vocabulary_rows(self, name: str, members: list[tuple[ModelRef, str, Parameters]], base_key: str | None, rows: list[int]) -> VocabularyRows | None:
+        """How the inputs of a token-indexed tensor (of ``rows`` rows each) line up: by the merged vocabulary, or
+        (``unsafe_truncate_embeddings``) over their common first rows; None when they already do."""
         others = [ref.key for ref, _, _ in members if ref.key != base_key]
         index = {key: i for i, key in enumerate(others)} | ({base_key: len(others)} if base_key else {})
-        listed = [(ref.key, index[ref.key], self.models[ref.key].tensors[n].shape[0]) for ref, n, _ in members]
+        listed = [(ref.key, index[ref.key], count) for (ref, _, _), count in zip(members, rows, strict=True)]
         try:
+            lined: VocabularyRows | None
             if self.vocabularies is not None:
-                return self.vocabularies.rows_for(name, listed)
-            return truncated_rows([rows for _, _, rows in listed]) if self.recipe.unsafe_truncate_embeddings else None
+                lined = self.vocabularies.rows_for(name, listed)
+            else:
+                lined = truncated_rows([rows for _, _, rows in listed]) if self.recipe.unsafe_truncate_embeddings else None
+            return lined.model_copy(update={"dtype": self.recipe.dtype}) if lined and self.recipe.dtype else lined
         except RecipeError as err:
             self.problems += err.problems
             return None

@@ -24,6 +24,9 @@ class VocabularyRows(BaseModel):
     fills: list[tuple[int, list[tuple[int, int]]]]
     """``(output row, [(input, row), ...])``: what an input without an own row there gets; one row is copied, several are
     averaged in the order given, none is zeros. Rows neither copied nor filled stay zero."""
+    dtype: str | None = None
+    """The recipe's dtype: the rows are lined up in it or in the inputs' dtype, whichever is wider (mergekit lines them up in
+    the dtype it loads them in, the recipe's)."""
 
 
 def _fill(tensors: list[torch.Tensor], parts: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
@@ -49,7 +52,7 @@ def line_up(tensors: list[torch.Tensor], rows: VocabularyRows) -> list[torch.Ten
         >>> line_up([torch.eye(2)], VocabularyRows(rows=3, tokens=3, copies=[[(1, 0, 2)]], fills=[(0, [])]))[0]
         tensor([[0., 0.], [1., 0.], [0., 1.]])
     """
-    dtype = reduce(torch.promote_types, (t.dtype for t in tensors))
+    dtype = reduce(torch.promote_types, [t.dtype for t in tensors] + ([getattr(torch, rows.dtype)] if rows.dtype else []))
     shape = (rows.rows, *tensors[0].shape[1:])
     fill_rows = torch.tensor([row for row, _ in rows.fills], dtype=torch.long)
     fills = [_fill(tensors, parts, dtype) for _, parts in rows.fills]

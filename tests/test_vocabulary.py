@@ -129,6 +129,19 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert torch.equal(model.get_output_embeddings().weight, merged[EMBED])
 
 
+def test_a_tied_fine_tune_lends_its_embedding_as_lm_head(vocab: dict[str, Path], tmp_path: Path) -> None:
+    tied = build_vocab_family(tmp_path / "tied", tied=True)
+    data = recipe(vocab, "task_arithmetic", {"ft_a": 1.0}, tokenizer_source="union")
+    data["models"].append({"model": str(tied["ft_b"]), "parameters": {"weight": 0.5}})
+    parsed = parse_recipe(data)
+    notes = [f for f in compatibility_report(parsed, read_models(parsed)).findings if f.check == "tied_embeddings"]
+    assert [(n.severity, n.model) for n in notes] == [("note", str(tied["ft_b"]))] and "stores no lm_head.weight" in notes[0].message
+    merge(data, tmp_path / "out")
+    merged, base, a, b = tensors(tmp_path / "out"), tensors(vocab["base"]), tensors(vocab["ft_a"]), tensors(tied["ft_b"])
+    expected = base[HEAD] + 1.0 * (a[HEAD][:64] - base[HEAD]) + 0.5 * (b[EMBED] - base[HEAD])
+    torch.testing.assert_close(merged[HEAD][:64], expected, rtol=0, atol=1e-6)
+
+
 def test_same_vocabulary_plans_as_before(vocab: dict[str, Path], tmp_path: Path) -> None:
     plan = plan_merge(parse_recipe(recipe(vocab, "ties", {"ft_b": 0.5}, parameters={"density": 0.5}, tokenizer_source="union")))
     assert plan.tokenizer_build is None and plan.vocab_size is None
