@@ -141,4 +141,6 @@ def adapter_problems(recipe: Recipe) -> list[str]:
     for key in ("slices", "tokenizer_source", "tokenizer", "chat_template"):
         if getattr(recipe, key) is not None:
             problems.append(f"{key}: not used with `output: adapter`, which combines whole adapters (no layers, no tokenizer); remove it")
+    if recipe.unsafe_truncate_embeddings:
+        problems.append("unsafe_truncate_embeddings: not used with `output: adapter`, which combines whole adapters (no embeddings); remove it")
     return problems + _adapter_model_problems(recipe) + _combination_options_problems(recipe.parameters, combination, recipe.merge_method)
