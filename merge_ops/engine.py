@@ -84,7 +84,8 @@ def peak_memory_estimate(plan: MergePlan) -> int:
 
     Over every ``READ_AHEAD + 1`` consecutive pieces (the current one and those read ahead): the mapped input
     tensors they read (a tensor stays mapped, its pages resident once touched, while it is merged) and, for methods
-    that do not convert their inputs themselves, the reader's copies in the compute dtype. Then ``WRITE_BEHIND + 1``
+    that do not convert their inputs themselves (and for token-indexed tensors lined up with a merged vocabulary), the
+    reader's copies in the compute dtype. Then ``WRITE_BEHIND + 1``
     results waiting for the writer and two working copies of the largest piece in the compute dtype.
     """
     pieces = [p for i in range(len(plan.shards)) for p in split_into_pieces(plan, i)]
@@ -95,7 +96,8 @@ def peak_memory_estimate(plan: MergePlan) -> int:
 
     def held(window: list[Piece]) -> int:
         mapped = sum({id(p.job): p.job.input_nbytes for p in window}.values())
-        copies = 0 if upcasts else sum(p.numel * compute * (len(p.job.inputs) + (p.job.base is not None)) for p in window)
+        copied = [p for p in window if not upcasts or p.job.vocabulary is not None]  # lined-up vocabularies are copies too
+        copies = sum(p.numel * compute * (len(p.job.inputs) + (p.job.base is not None)) for p in copied)
         return mapped + copies
 
     read = max(held(pieces[i : i + READ_AHEAD + 1]) for i in range(len(pieces)))

@@ -58,6 +58,9 @@ def line_up(tensors: list[torch.Tensor], rows: VocabularyRows) -> list[torch.Ten
     fills = [_fill(tensors, parts, dtype) for _, parts in rows.fills]
     lined = []
     for tensor, runs in zip(tensors, rows.copies, strict=True):
+        if runs == [(0, 0, rows.rows)] and rows.rows == rows.tokens == tensor.shape[0]:  # already lined up
+            lined.append(tensor.to(dtype))
+            continue
         out = torch.zeros(shape, dtype=dtype, device=tensor.device)
         own = torch.zeros(rows.rows, dtype=torch.bool)
         for start, source, count in runs:

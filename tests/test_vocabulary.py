@@ -68,6 +68,7 @@ def test_rows_are_merged_over_the_models_that_have_the_token(vocab: dict[str, Pa
     job = next(t for s in plan.shards for t in s.tensors if t.name == EMBED)
     assert job.vocabulary is not None and job.vocabulary.copies == [[(0, 0, 66)], [(0, 0, 64)], [(0, 0, 64)]]  # ft_a, ft_b, base
     assert job.vocabulary.fills == [(64, [(0, 64)]), (65, [(0, 65)])]  # ft_a's rows fill the ChatML rows of the others
+    assert MergePlan.model_validate_json(plan.model_dump_json()) == plan  # shards run from the serialised plan
     for name in (EMBED, HEAD):
         shared = base[name] + 1.0 * (a[name][:64] - base[name]) + 0.5 * (b[name] - base[name])
         torch.testing.assert_close(merged[name][:64], shared, rtol=0, atol=1e-6)
