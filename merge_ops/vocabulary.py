@@ -94,7 +94,8 @@ def load_tokenizer(key: str, folder: Path | None) -> Any:
 
 
 def strip_tokenizer(tokenizer: Any, size: int | None, key: str) -> Any:
-    """``tokenizer`` without its tokens whose ids are ``size`` or more (only a fast BPE tokenizer can lose tokens).
+    """``tokenizer`` without its tokens whose ids are ``size`` or more (only a fast BPE tokenizer can lose tokens), and
+    without them among its special tokens.
 
     Raises:
         RecipeError: tokens to remove from a tokenizer that is not a fast BPE tokenizer.
@@ -113,6 +114,12 @@ def strip_tokenizer(tokenizer: Any, size: int | None, key: str) -> Any:
     data["model"]["vocab"] = {token: i for token, i in data["model"]["vocab"].items() if token not in unused}
     data["model"]["merges"] = [m for m in data["model"]["merges"] if not unused & set(m.split(" ") if isinstance(m, str) else m)]
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(data))  # the wrapper keeps its settings; only the vocabulary changes
+    # special tokens that were dropped would come back on loading (transformers adds them): mergekit keeps them, we do not
+    tokenizer.extra_special_tokens = [t for t in tokenizer.extra_special_tokens if str(t) not in unused]
+    for name, token in tokenizer.special_tokens_map.items():
+        if str(token) in unused:
+            log.warning("%s: its %s %r has an id past vocab_size %d and is dropped with it", key, name, str(token), size)
+            setattr(tokenizer, name, None)
     return tokenizer
 
 

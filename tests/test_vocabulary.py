@@ -118,6 +118,21 @@ def test_base_vocabulary_drops_added_tokens(vocab: dict[str, Path], tmp_path: Pa
     assert len(AutoTokenizer.from_pretrained(out)) == 64 and base.keys() == merged.keys()
 
 
+def test_base_tokens_past_its_vocab_size_are_stripped(vocab: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    base = tmp_path / "base_with_chat_tokenizer"  # a tokenizer that gained ChatML tokens without the embedding growing
+    shutil.copytree(vocab["base"], base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(vocab["ft_a"] / name, base / name)
+    family = {**vocab, "base": base}
+    out = tmp_path / "out"
+    plan = merge(recipe(family, "task_arithmetic", {"ft_a": 1.0}, tokenizer_source="base"), out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert plan.vocab_size == 64 and len(tokenizer) == 64 and CHATML[0] not in tokenizer.get_vocab()
+    assert tensors(out)[EMBED].shape == (64, 16)
+
+
 def test_tied_embeddings(tmp_path: Path) -> None:
     tied = build_vocab_family(tmp_path / "tied", tied=True)
     out = tmp_path / "out"
