@@ -18,7 +18,7 @@ delta to the base instead (fraction of changed entries, mean / std / mean-abs of
 Different vocabularies: ``tests/vocab_family.py`` builds the same family with tokenizers, where ft_a adds ChatML's two
 tokens (66 rows) and ft_neg adds them with its embedding padded to 72 rows; the ``METHOD/POLICY`` recipes merge it with
 ``tokenizer_source`` or ``tokenizer:`` (tokens, force, padding), ``@tied`` on a copy with tied embeddings (``@mixed-tied``:
-one fine-tune of that copy, without lm_head, among untied models). Their tokenizer
+one fine-tune of that copy, without lm_head, among untied models; ``@tied-base``: its base under untied fine-tunes). Their tokenizer
 files (tokenizer.json, tokenizer_config.json) and ``vocab_size`` are compared too.
 
 LoRA sources: a PEFT adapter of the base (rank 4, random non-zero factors on every linear module, built with
@@ -156,6 +156,8 @@ def vocab_recipes(fam: dict[str, str], tied: dict[str, str], dtype: str) -> dict
                                        "models": weighted([(tied["ft_a"], 1.0), (tied["ft_b"], 0.5), (tied["ft_neg"], 0.7)])},
         "task_arithmetic/union@mixed-tied": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
                                              "models": weighted([(a, 1.0), (tied["ft_b"], 0.5), (neg, 0.7)])},
+        "task_arithmetic/union@tied-base": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
+                                            "models": weighted([(a, 1.0), (b, 0.5), (neg, 0.7)])},
     }
 
 

@@ -216,7 +216,8 @@ def _tied_findings(ref: ModelHeaders, other: ModelHeaders, names: list[str], own
     tied = {n: tied_stand_in(n, lacking.tensors) for n in names}
     notes = [Finding(severity="note", model=other.key, check="tied_embeddings",
                      message=(f"stores no {n}: it ties it to {stand_in}, which stands in for it (as mergekit does)" if own else
-                              f"its {n} is not merged: the reference {ref.key} ties its output head to {stand_in}, and so does the merged model"))
+                              f"has {n}, which the reference {ref.key} ties to {stand_in}: the merged model gets a {n} merged from the models' "
+                              f"{n} and, where they tie it, their {stand_in} (as mergekit does)"))
              for n, stand_in in tied.items() if stand_in is not None and n in having.tensors]
     return [n for n in names if tied[n] is None], notes
 

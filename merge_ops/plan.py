@@ -240,7 +240,9 @@ class _Planner:
             return self.models[base.key if base and base.key in keys else keys[0]]
 
         def outside_layers(sl: _Slice, pre: bool) -> list[TensorJob | None]:
-            names = [n for n in reference(sl).tensors if split_layer_name(n) is None and is_pre_layer(n) == pre]
+            own = reference(sl).tensors
+            heads = [n for ref, _, _ in sl.sources for n in self.models[ref.key].tensors if tied_stand_in(n, own)]  # the reference ties its head
+            names = [n for n in dict.fromkeys([*own, *heads]) if split_layer_name(n) is None and is_pre_layer(n) == pre]
             return [self.job(n, [(ref, n, p) for ref, _, p in sl.sources], sl.parameters, 0.0) for n in names]
 
         jobs = outside_layers(slices[0], pre=True)

@@ -158,6 +158,20 @@ def test_a_tied_fine_tune_lends_its_embedding_as_lm_head(vocab: dict[str, Path],
     torch.testing.assert_close(merged[HEAD][:64], expected, rtol=0, atol=1e-6)
 
 
+def test_a_tied_base_gets_the_head_the_others_have(vocab: dict[str, Path], tmp_path: Path) -> None:
+    tied = build_vocab_family(tmp_path / "tied", tied=True)
+    data = recipe({**vocab, "base": tied["base"]}, "task_arithmetic", {"ft_a": 1.0, "ft_b": 0.5}, tokenizer_source="union")
+    parsed = parse_recipe(data)
+    notes = [f for f in compatibility_report(parsed, read_models(parsed)).findings if f.check == "tied_embeddings"]
+    assert {n.model for n in notes} == {str(vocab["ft_a"]), str(vocab["ft_b"])} and all(n.severity == "note" for n in notes)
+    out = tmp_path / "out"
+    merge(data, out)
+    merged, base, a, b = tensors(out), tensors(tied["base"]), tensors(vocab["ft_a"]), tensors(vocab["ft_b"])
+    assert merged[HEAD].shape == (66, 16)  # as mergekit: the head is merged, the base's embedding standing in for its own
+    expected = base[EMBED] + 1.0 * (a[HEAD][:64] - base[EMBED]) + 0.5 * (b[HEAD] - base[EMBED])
+    torch.testing.assert_close(merged[HEAD][:64], expected, rtol=0, atol=1e-6)
+
+
 def test_same_vocabulary_plans_as_before(vocab: dict[str, Path], tmp_path: Path) -> None:
     plan = plan_merge(parse_recipe(recipe(vocab, "ties", {"ft_b": 0.5}, parameters={"density": 0.5}, tokenizer_source="union")))
     assert plan.tokenizer_build is None and plan.vocab_size is None
