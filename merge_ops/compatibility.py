@@ -20,7 +20,7 @@ from merge_ops.architecture import split_layer_name, tied_stand_in
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.headers import ModelHeaders, TensorHeader
 from merge_ops.recipe import ModelRef, Recipe, Slice, SliceSource, adapter_base
-from merge_ops.vocabulary import vocabulary_difference, vocabulary_files
+from merge_ops.vocabulary import VocabularyDifference, vocabulary_difference, vocabulary_files
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
@@ -152,45 +152,47 @@ def _tokens(tokens: list[str]) -> str:
     return _names([repr(t) for t in tokens])
 
 
+def _token_detail(ref: ModelHeaders, difference: VocabularyDifference | None) -> str:
+    if difference is None:
+        return ""
+    parts = [f"{len(difference.extra)} token(s) {ref.key} lacks: {_tokens(difference.extra)}"] if difference.extra else []
+    parts += [f"lacks {len(difference.missing)} of its tokens: {_tokens(difference.missing)}"] if difference.missing else []
+    parts += [f"{len(difference.moved)} token(s) at other ids: {_tokens(difference.moved)}"] if difference.moved else []
+    return f"; it has {', '.join(parts)}" if parts else "; the tokenizers hold the same tokens (the rows past them are padding)"
+
+
 def _vocabulary_findings(ref: ModelHeaders, other: ModelHeaders, policy: Policy) -> list[Finding]:
     """Vocabularies of other sizes (by config vocab_size), and, when both tokenizers are local, the tokens that differ."""
     sizes = _vocab_difference(ref, other)
     if sizes is None and vocabulary_files(ref) == vocabulary_files(other):
         return []
     difference = vocabulary_difference(ref, other)
-    if sizes is None:  # same size: only a problem if the same ids mean other tokens
-        if difference is None or not (difference.extra or difference.missing or difference.moved):
+
+    def finding(severity: Severity, message: str) -> list[Finding]:
+        return [Finding(severity=severity, model=other.key, check="vocabulary", message=message)]
+
+    if sizes is None:  # same size: only worth a word if the same ids hold other tokens
+        changed = (difference.moved + difference.extra) if difference else []
+        if not changed:
             return []
-        changed = difference.moved + difference.extra
+        moved = f"its tokenizer has other tokens at {len(changed)} id(s) than {ref.key}'s ({_tokens(changed)})"
         if policy == "tokenizer":
-            return [Finding(severity="note", model=other.key, check="vocabulary",
-                            message=f"its tokenizer has other tokens at {len(changed)} id(s) than {ref.key}'s ({_tokens(changed)}): rows are lined up by token")]
-        return [Finding(severity="warning", model=other.key, check="vocabulary",
-                        message=f"its tokenizer has other tokens at {len(changed)} id(s) than {ref.key}'s ({_tokens(changed)}), so those rows of the "
-                        "embeddings would be merged across different tokens; set `tokenizer_source: union` (or `base`) to line them up by token")]
+            return finding("note", f"{moved}: rows are lined up by token")
+        return finding("warning", f"{moved}, so those rows of the embeddings would be merged across different tokens; set `tokenizer_source: union` "
+                                  "(or `base`) to line them up by token")
     want, got = sizes
-    detail = ""
-    if difference is not None:
-        parts = ([f"{len(difference.extra)} token(s) {ref.key} lacks: {_tokens(difference.extra)}"] if difference.extra else []) + (
-            [f"lacks {len(difference.missing)} of its tokens: {_tokens(difference.missing)}"] if difference.missing else []) + (
-            [f"{len(difference.moved)} token(s) at other ids: {_tokens(difference.moved)}"] if difference.moved else [])
-        detail = f"; it has {', '.join(parts)}" if parts else "; the tokenizers hold the same tokens (the rows past them are padding)"
-    sized = f"vocab_size is {got}, the reference {ref.key} has {want} ({got - want:+d} tokens){detail}"
+    sized = f"vocab_size is {got}, the reference {ref.key} has {want} ({got - want:+d} tokens){_token_detail(ref, difference)}"
     if policy == "tokenizer":
-        return [Finding(severity="note", model=other.key, check="vocabulary", message=f"{sized}: the recipe's tokenizer policy lines the rows up by token")]
+        return finding("note", f"{sized}: the recipe's tokenizer policy lines the rows up by token")
     if policy == "truncate":
-        return [Finding(severity="warning", model=other.key, check="vocabulary",
-                        message=f"{sized}: unsafe_truncate_embeddings merges only the first {min(want, got)} rows of the token-indexed tensors, "
-                        "which must mean the same tokens in every model; the rest are dropped")]
+        return finding("warning", f"{sized}: unsafe_truncate_embeddings merges only the first {min(want, got)} rows of the token-indexed tensors, which "
+                                  "must mean the same tokens in every model; the rest are dropped")
     vocab_tensors = [n for n, t in other.tensors.items() if t.shape[:1] == (got,) and n in ref.tensors and ref.tensors[n].shape[:1] == (want,)]
     fixes = ["`tokenizer_source: union` (every model's tokens)", f"`tokenizer_source: base` ({ref.key}'s {want} tokens)"]
-    if difference is not None and difference.superset:
-        fixes.append(f"`tokenizer_source: {other.key}` (its vocabulary holds all of {ref.key}'s)")
-    return [Finding(
-        severity="problem", model=other.key, check="vocabulary",
-        message=f"{sized}, so {_names(vocab_tensors) or 'the embedding tensors'} have {got} rows, not {want}: set {' or '.join(fixes)} to line the rows "
-        f"up by token, or `unsafe_truncate_embeddings: true` to merge only the first {min(want, got)} rows (mergekit's --unsafe-truncate-embeddings)",
-    )]
+    fixes += [f"`tokenizer_source: {other.key}` (its vocabulary holds all of {ref.key}'s)"] if difference and difference.superset else []
+    return finding("problem", f"{sized}, so {_names(vocab_tensors) or 'the embedding tensors'} have {got} rows, not {want}: set {' or '.join(fixes)} "
+                              f"to line the rows up by token, or `unsafe_truncate_embeddings: true` to merge only the first {min(want, got)} rows "
+                              "(mergekit's --unsafe-truncate-embeddings)")
 
 
 def _shape_findings(model: str, ref_key: str, pairs: list[tuple[str, TensorHeader, TensorHeader]], vocab: tuple[int, int] | None) -> list[Finding]:
