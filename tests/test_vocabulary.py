@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_family import base_state, fine_tune
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from vocab_family import CHATML, build_vocab_family
+from vocab_family import CHATML, build_vocab_family, write_shuffled
 
 from merge_ops.compatibility import compatibility_report
 from merge_ops.engine import merge_model
@@ -196,6 +197,19 @@ def test_report_names_the_tokens_and_the_fixes(vocab: dict[str, Path]) -> None:
         plan_merge(parsed)
     policy = parse_recipe({**data, "tokenizer_source": "union"})
     assert {f.severity for f in compatibility_report(policy, read_models(policy)).findings if f.check == "vocabulary"} == {"note"}
+
+
+def test_same_size_other_token_order_is_lined_up_by_token(vocab: dict[str, Path], tmp_path: Path) -> None:
+    shuffled = write_shuffled(tmp_path / "shuffled", fine_tune(base_state(), 2))  # ft_b, its characters in reverse order
+    data = recipe(vocab, "task_arithmetic", {"ft_a": 1.0})
+    data["models"].append({"model": str(shuffled), "parameters": {"weight": 0.5}})
+    parsed = parse_recipe(data)
+    found = [f for f in compatibility_report(parsed, read_models(parsed)).findings if f.model == str(shuffled) and f.check == "vocabulary"]
+    assert [f.severity for f in found] == ["warning"] and "other tokens at 60 id(s)" in found[0].message  # the middle character stays
+    merge({**data, "tokenizer_source": "union"}, tmp_path / "shuffled_out")
+    merge(recipe(vocab, "task_arithmetic", {"ft_a": 1.0, "ft_b": 0.5}, tokenizer_source="union"), tmp_path / "plain_out")
+    shuffled_out, plain_out = tensors(tmp_path / "shuffled_out"), tensors(tmp_path / "plain_out")
+    assert all(torch.equal(shuffled_out[k], plain_out[k]) for k in plain_out)  # token for token the same model: the same merge
 
 
 def test_unsafe_truncation_merges_the_common_rows(vocab: dict[str, Path], tmp_path: Path) -> None:

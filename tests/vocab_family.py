@@ -22,9 +22,9 @@ CHARACTERS = (string.ascii_lowercase + string.ascii_uppercase + string.digits)[:
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
-def base_tokenizer() -> PreTrainedTokenizerFast:
-    """64 tokens: the three specials, then one per character (BPE without merges)."""
-    vocab = {token: i for i, token in enumerate((*SPECIALS, *CHARACTERS))}
+def base_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
+    """64 tokens: the three specials, then one per character (BPE without merges), in the order of ``characters``."""
+    vocab = {token: i for i, token in enumerate((*SPECIALS, *characters))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
@@ -77,3 +77,11 @@ def build_vocab_family(root: Path, *, dtype: torch.dtype = torch.float32, shards
         "ft_b": write("ft_b", fine_tune(base, 2), base_tokenizer()),
         "ft_neg": write("ft_neg", fine_tune(grown(base, 72, 13), 3, sign=-1.0), chat),
     }
+
+
+def write_shuffled(folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    """``state`` under a tokenizer with the characters in reverse order, its token-indexed rows moved with them: the same
+    model as ``state`` with the base's tokenizer, token for token."""
+    order = [0, 1, 2, *range(63, 2, -1)]  # new id -> the base's id of the same token
+    moved = {k: v[order].contiguous() if k in VOCAB_TENSORS else v for k, v in state.items()}
+    return write_vocab_model(folder, moved, base_tokenizer(CHARACTERS[::-1]))
