@@ -18,7 +18,8 @@ delta to the base instead (fraction of changed entries, mean / std / mean-abs of
 Different vocabularies: ``tests/vocab_family.py`` builds the same family with tokenizers, where ft_a adds ChatML's two
 tokens (66 rows) and ft_neg adds them with its embedding padded to 72 rows; the ``METHOD/POLICY`` recipes merge it with
 ``tokenizer_source`` or ``tokenizer:`` (tokens, force, padding), ``@tied`` on a copy with tied embeddings (``@mixed-tied``:
-one fine-tune of that copy, without lm_head, among untied models; ``@tied-base``: its base under untied fine-tunes). Their tokenizer
+one fine-tune of that copy, without lm_head, among untied models; ``@tied-base``: its base under untied fine-tunes;
+``@shuffled``: ft_b under a tokenizer whose characters come in reverse order, its rows moved with them). Their tokenizer
 files (tokenizer.json, tokenizer_config.json) and ``vocab_size`` are compared too.
 
 LoRA sources: a PEFT adapter of the base (rank 4, random non-zero factors on every linear module, built with
@@ -51,8 +52,8 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
-from tiny_family import build_family, make_adapter  # noqa: E402
-from vocab_family import CHATML, build_vocab_family  # noqa: E402
+from tiny_family import base_state, build_family, fine_tune, make_adapter  # noqa: E402
+from vocab_family import CHATML, build_vocab_family, write_shuffled  # noqa: E402
 
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -156,6 +157,8 @@ def vocab_recipes(fam: dict[str, str], tied: dict[str, str], dtype: str) -> dict
                                        "models": weighted([(tied["ft_a"], 1.0), (tied["ft_b"], 0.5), (tied["ft_neg"], 0.7)])},
         "task_arithmetic/union@mixed-tied": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
                                              "models": weighted([(a, 1.0), (tied["ft_b"], 0.5), (neg, 0.7)])},
+        "ties/union@shuffled": {"merge_method": "ties", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
+                                "models": weighted([(a, 1.0), (fam["ft_shuffled"], 0.5), (neg, 0.7)], density=0.5)},
         "task_arithmetic/union@tied-base": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
                                             "models": weighted([(a, 1.0), (b, 0.5), (neg, 0.7)])},
     }
@@ -415,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / f"family-{kind}-{label}", ignore_errors=True)
             built = build_vocab_family(work / f"family-{kind}-{label}", dtype=dt, shards=args.shards, tied=tied)
             families[f"{kind}-{label}"] = {k: str(v) for k, v in built.items()}
+        shuffled = write_shuffled(work / f"family-vocab-{label}" / "ft_shuffled", fine_tune(base_state(dtype=dt), 2))
+        families[f"vocab-{label}"]["ft_shuffled"] = str(shuffled)
     lora_cache = work / "lora-merge-cache"  # mergekit's merged BASE+ADAPTER models, keyed by path: stale after a rebuild
     shutil.rmtree(lora_cache, ignore_errors=True)
     base_tensors = {
