@@ -123,9 +123,10 @@ class InputReader:
         keys = [(Path(s.lora.file), name) for s in sources if s.lora for name in (s.lora.a, s.lora.b)]
         factors = self.factors.read(keys, None)
         pairs = iter(zip(factors[::2], factors[1::2], strict=True))  # (A, B) of each LoRA source, in order
-        tensors = [self._prepare(apply_lora(t, s.lora, next(pairs), piece.rows) if s.lora else t) for t, s in zip(tensors, sources, strict=True)]
-        if job.vocabulary is not None:
+        tensors = [apply_lora(t, s.lora, next(pairs), piece.rows) if s.lora else t for t, s in zip(tensors, sources, strict=True)]
+        if job.vocabulary is not None:  # in the dtype the inputs are loaded in, before any cast to the compute dtype (as mergekit)
             tensors = line_up(tensors, job.vocabulary)
+        tensors = [self._prepare(t) for t in tensors]
         return (tensors[:-1], tensors[-1]) if job.base else (tensors, None)
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:

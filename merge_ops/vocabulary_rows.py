@@ -25,8 +25,8 @@ class VocabularyRows(BaseModel):
     """``(output row, [(input, row), ...])``: what an input without an own row there gets; one row is copied, several are
     averaged in the order given, none is zeros. Rows neither copied nor filled stay zero."""
     dtype: str | None = None
-    """The recipe's dtype: the rows are lined up in it or in the inputs' dtype, whichever is wider (mergekit lines them up in
-    the dtype it loads them in, the recipe's)."""
+    """The recipe's dtype: the rows are lined up in it or in the stored dtype, whichever is wider, before any cast to the
+    compute dtype (mergekit lines them up in the dtype it loads them in, the recipe's)."""
 
 
 def _fill(tensors: list[torch.Tensor], parts: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
