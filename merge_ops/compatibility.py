@@ -181,7 +181,7 @@ def _vocabulary_findings(ref: ModelHeaders, other: ModelHeaders, policy: Policy)
         return finding("warning", f"{moved}, so those rows of the embeddings would be merged across different tokens; set `tokenizer_source: union` "
                                   "(or `base`) to line them up by token")
     want, got = sizes
-    sized = f"vocab_size is {got}, the reference {ref.key} has {want} ({got - want:+d} tokens){_token_detail(ref, difference)}"
+    sized = f"vocab_size is {got}, the reference {ref.key} has {want} ({got - want:+d} rows){_token_detail(ref, difference)}"
     if policy == "tokenizer":
         return finding("note", f"{sized}: the recipe's tokenizer policy lines the rows up by token")
     if policy == "truncate":

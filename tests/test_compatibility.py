@@ -68,7 +68,7 @@ def test_every_mismatch_is_listed(family: dict[str, Path], variants: dict[str, P
     # the vocabulary explains the embedding and lm_head rows: no separate shape mismatch for them
     assert (str(variants["vocab"]), "tensor_shapes") not in by_model
     vocab = next(f for f in report.problems if f.check == "vocabulary")
-    assert "vocab_size is 66" in vocab.message and "+2 tokens" in vocab.message and "lm_head.weight" in vocab.message
+    assert "vocab_size is 66" in vocab.message and "+2 rows" in vocab.message and "lm_head.weight" in vocab.message
     hidden = next(f for f in report.problems if f.check == "config")
     assert "hidden_size is 32" in hidden.message
     with pytest.raises(IncompatibleModelsError) as err:

@@ -189,7 +189,7 @@ def test_report_names_the_tokens_and_the_fixes(vocab: dict[str, Path]) -> None:
     found = {f.model: f for f in report.findings if f.check == "vocabulary"}
     assert set(found) == {str(vocab["ft_a"]), str(vocab["ft_neg"])} and all(f.severity == "problem" for f in found.values())
     chat = found[str(vocab["ft_a"])].message
-    assert "vocab_size is 66" in chat and "+2 tokens" in chat and "'<|im_start|>', '<|im_end|>'" in chat
+    assert "vocab_size is 66" in chat and "+2 rows" in chat and "'<|im_start|>', '<|im_end|>'" in chat
     assert "`tokenizer_source: union`" in chat and "`tokenizer_source: base`" in chat and f"`tokenizer_source: {vocab['ft_a']}`" in chat
     assert "unsafe_truncate_embeddings: true" in chat
     assert "vocab_size is 72" in found[str(vocab["ft_neg"])].message
