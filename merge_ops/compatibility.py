@@ -242,8 +242,9 @@ def _tensor_findings(ref: ModelHeaders, other: ModelHeaders, *, tied: bool = Fal
 
 def pair_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     """What keeps ``other`` from lining up with ``ref`` tensor for tensor: architecture, shape-fixing config keys,
-    vocabulary, tensor names and shapes (problems; a warning when same-sized vocabularies hold other tokens)."""
-    return _config_findings(ref, other) + _vocabulary_findings(ref, other, "refuse") + _tensor_findings(ref, other)
+    vocabulary size, tensor names and shapes (all problems)."""
+    vocabulary = [f for f in _vocabulary_findings(ref, other, "refuse") if f.severity == "problem"]
+    return _config_findings(ref, other) + vocabulary + _tensor_findings(ref, other)
 
 
 def _slice_reference(sl: Slice, reference: str) -> SliceSource:
