@@ -53,7 +53,7 @@ from tiny_family import build_family, make_adapter  # noqa: E402
 
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ARCH_ROWS = ("ties@qwen2", "passthrough@qwen2", "ties@gpt_neox", "passthrough@gpt_neox", "task_arithmetic@phi", "passthrough@phi")
+ARCH_ROWS = ("ties@qwen2", "task_arithmetic@gpt_neox", "passthrough@gpt_neox", "task_arithmetic@phi", "passthrough@phi")
 """METHOD@KIND: METHOD's recipe on the tiny KIND family of tests/arch_family.py (other layer, norm and embedding names)."""
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, PretrainedConfig, PreTrainedModel
 
 from mergeflow.demo_family.tokenizer import build_tokenizer, save_tokenizer
@@ -24,7 +25,7 @@ MULTIMODAL = ("llava", "qwen2_vl")
 
 def tiny_config(kind: str) -> PretrainedConfig:
     """A 4-layer config of ``kind``: mistral, qwen2 (attention biases, tied embeddings), gemma, gemma2 (tied, extra
-    norms), gpt_neox (gpt_neox.layers.N, final_layer_norm, embed_out), phi (final_layernorm, biases), llava, qwen2_vl."""
+    norms), gpt_neox (gpt_neox.layers.N, final_layer_norm, embed_out; Pythia's legacy buffers), phi (final_layernorm, biases), llava, qwen2_vl."""
     heads = dict(num_key_value_heads=2)
     configs = {
         "mistral": lambda: transformers.MistralConfig(**TEXT, **heads, tie_word_embeddings=False),
@@ -55,7 +56,21 @@ def auto_class(kind: str) -> type[AutoModelForCausalLM] | type[AutoModelForImage
 def _save(model: PreTrainedModel, folder: Path) -> Path:
     model.save_pretrained(folder)
     save_tokenizer(build_tokenizer(), folder)
+    if model.config.model_type == "gpt_neox":
+        _add_legacy_buffers(folder, model.config)
     return folder
+
+
+def _add_legacy_buffers(folder: Path, config: PretrainedConfig) -> None:
+    """The per-layer buffers Pythia checkpoints on the Hub store beside the weights (a boolean causal mask, a scalar,
+    the rotary frequencies); transformers 5 ignores them when loading, mergekit's GPT-NeoX description requires them."""
+    state = load_file(folder / "model.safetensors")
+    positions, rotary = config.max_position_embeddings, int(config.hidden_size // config.num_attention_heads * config.rope_parameters["partial_rotary_factor"])
+    for i in range(config.num_hidden_layers):
+        state[f"gpt_neox.layers.{i}.attention.bias"] = torch.tril(torch.ones(positions, positions, dtype=torch.bool)).view(1, 1, positions, positions)
+        state[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
+        state[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, rotary, 2).float() / rotary)
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def build_arch_family(root: Path, kind: str) -> dict[str, Path]:
