@@ -25,6 +25,9 @@ Cases:
   bf16/mf-bf16  bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype bfloat16``
   bf16/mf-mk    bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype mergekit``
   bf16->f32     bfloat16 family, ``dtype: float32`` (inputs upcast, float32 output)
+
+Other architectures: ``METHOD@KIND`` rows (``ARCH_ROWS``, e.g. ``ties@qwen2``) run METHOD's recipe on a float32 family of
+``tests/arch_family.py`` (tiny Qwen2 with tied embeddings, GPT-NeoX, Phi, written by ``save_pretrained``), case f32 only.
 """
 from __future__ import annotations
 
@@ -45,10 +48,13 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from arch_family import build_arch_family  # noqa: E402
 from tiny_family import build_family, make_adapter  # noqa: E402
 
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARCH_ROWS = ("ties@qwen2", "task_arithmetic@gpt_neox", "passthrough@gpt_neox", "task_arithmetic@phi", "passthrough@phi")
+"""METHOD@KIND: METHOD's recipe on the tiny KIND family of tests/arch_family.py (other layer, norm and embedding names)."""
 
 
 # --------------------------------------------------------------------------- recipes
@@ -376,17 +382,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     mk_cache: dict[tuple[str, str, str], tuple[Path, Run]] = {}
     results: list[Result] = []
-    all_methods = list(recipes(families["float32"], "float32"))
+    all_methods = [*recipes(families["float32"], "float32"), *ARCH_ROWS]
     methods = args.methods or all_methods
     for method in methods:
         if method not in all_methods:
             p.error(f"unknown method {method}; known: {', '.join(all_methods)}")
-        for case in args.cases:
+        recipe_method, _, kind = method.partition("@")
+        if kind and kind not in families:  # the same recipes; no LoRA rows on these families
+            families[kind] = {k: str(v) for k, v in build_arch_family(work / f"family-{kind}", kind).items()} | {"adapter": "-"}
+        for case in args.cases if not kind else [c for c in args.cases if c == "f32"]:
             family, rdtype, compute = case_defs[case]
+            family = kind or family
             tag = f"{method}-{family}-{rdtype}"
             recipe_file = work / "recipes" / f"{tag}.yaml"
             recipe_file.parent.mkdir(exist_ok=True)
-            recipe_file.write_text(yaml.safe_dump(recipes(families[family], rdtype)[method], sort_keys=False))
+            recipe_file.write_text(yaml.safe_dump(recipes(families[family], rdtype)[recipe_method], sort_keys=False))
             key = (method, family, rdtype)
             if key not in mk_cache:
                 mk_out = work / "out" / f"mergekit-{tag}"
@@ -411,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines = [ln for ln in lines if not ln.startswith("--- ")]
                 res = Result(method, case, error=f"{'+'.join(failed)} failed: {lines[-1][:200] if lines else '?'}")
             else:
-                res = compare(method, case, mk_out, mf_out, base_tensors[family])
+                res = compare(method, case, mk_out, mf_out, base_tensors.get(family))
             results.append(res)
             print(f"{method:18s} {case:13s} {res.error or res.verdict}", file=sys.stderr, flush=True)
 

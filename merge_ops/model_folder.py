@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from merge_ops.architecture import layer_count_key
+from merge_ops.architecture import decoder_sections, layer_count_key, per_layer_keys
 from merge_ops.plan import MergePlan
 from merge_ops.safetensors_io import INDEX_FILE
 
@@ -43,14 +43,18 @@ def write_index(plan: MergePlan, out_dir: Path) -> None:
 
 
 def write_config(plan: MergePlan, out_dir: Path) -> None:
-    """config.json from the base (or first) model with the layer count and dtype of the merge."""
+    """config.json from the base (or first) model with the layer count and dtype of the merge.
+
+    The layer count is set where the source has one (config.json, its ``text_config``, or both); per-layer lists
+    there (``layer_types``) take each output layer's entry from the model and layer it came from.
+    """
     source = Path(plan.sources[plan.config_from])
     config = json.loads((source / "config.json").read_text())
-    config[layer_count_key(config)] = plan.num_layers
-    per_layer = [k for k, v in config.items() if isinstance(v, list) and len(v) == len(plan.layer_origins) and k.startswith("layer")]
-    for key in per_layer if plan.layer_origins else []:
-        origin_configs = {m: json.loads((Path(plan.sources[m]) / "config.json").read_text()) for m, _ in plan.layer_origins}
-        config[key] = [origin_configs[m][key][i] for m, i in plan.layer_origins]
+    origins = {m: json.loads((Path(plan.sources[m]) / "config.json").read_text()) for m in dict(plan.layer_origins)}
+    for position, section in enumerate(decoder_sections(config)):
+        for key in per_layer_keys(section) if plan.layer_origins else []:
+            section[key] = [decoder_sections(origins[m])[position][key][i] for m, i in plan.layer_origins]
+        section[layer_count_key(section)] = plan.num_layers
     dtype = plan.out_dtype or _stored_dtype(plan)
     config["torch_dtype"] = dtype
     if "dtype" in config:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_name
+from merge_ops.architecture import encoder_layer_positions, is_pre_layer, layer_tensor_name, split_layer_name
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
@@ -209,7 +209,8 @@ class _Planner:
 
         def outside_layers(sl: _Slice, pre: bool) -> list[TensorJob | None]:
             names = [n for n in reference(sl).tensors if split_layer_name(n) is None and is_pre_layer(n) == pre]
-            return [self.job(n, [(ref, n, p) for ref, _, p in sl.sources], sl.parameters, 0.0) for n in names]
+            positions = encoder_layer_positions(reference(sl).tensors)
+            return [self.job(n, [(ref, n, p) for ref, _, p in sl.sources], sl.parameters, positions.get(n, 0.0)) for n in names]
 
         jobs = outside_layers(slices[0], pre=True)
         origins: list[tuple[str, int]] = []
