@@ -61,7 +61,8 @@ ARCH_ROWS = ("ties@qwen2", "task_arithmetic@gpt_neox", "passthrough@gpt_neox", "
 
 
 def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
-    """One mergekit-schema recipe per method, all paths absolute; ``<method>+lora`` recipes read ``BASE+ADAPTER``."""
+    """One mergekit-schema recipe per method, all paths absolute; ``<method>+<variant>`` recipes are variants: ``+lora``
+    reads ``BASE+ADAPTER``, ``+base`` adds a base_model (``+base-listed``: also listed first among the models)."""
     base, a, b, neg = fam["base"], fam["ft_a"], fam["ft_b"], fam["ft_neg"]
     adapted = f"{base}+{fam['adapter']}"
 
@@ -73,6 +74,13 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
         for m in r["models"]:
             m["parameters"].update(params)
         return r
+
+    def weighted(*weights: float) -> list[dict]:
+        return [{"model": m, "parameters": {"weight": w}} for m, w in zip((a, b, neg), weights, strict=False)]
+
+    def nuslerp(base_model: str | None, weights: tuple[float, float], **global_params: bool) -> dict:
+        r = {"merge_method": "nuslerp", "models": weighted(*weights), "parameters": global_params, "dtype": dtype}
+        return {**r, "base_model": base_model} if base_model else r
 
     three = lambda **extra: [{"weight": 1.0, **extra}, {"weight": 0.5, **extra}, {"weight": 0.7, **extra}]  # noqa: E731
     out = {
@@ -106,6 +114,17 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
             "models": [{"model": a}, {"model": b}, {"model": neg}],
             "dtype": dtype,
         },
+        "nuslerp": nuslerp(None, (1.0, 0.5)),
+        "nuslerp+base": nuslerp(base, (0.3, 0.7)),
+        "nuslerp+rows": nuslerp(None, (1.0, 0.5), nuslerp_flatten=False),
+        "nuslerp+base+columns": nuslerp(base, (0.3, 0.7), nuslerp_flatten=False, nuslerp_row_wise=True),
+        "multislerp": {"merge_method": "multislerp", "models": weighted(1.0, 0.5, 0.7), "dtype": dtype},
+        "multislerp+base": {
+            "merge_method": "multislerp", "base_model": base, "models": weighted(1.0, 0.5, 0.7), "parameters": {"normalize_weights": False}, "dtype": dtype,
+        },
+        "karcher": {"merge_method": "karcher", "models": [{"model": a}, {"model": b}, {"model": neg}], "dtype": dtype},
+        "karcher+base": {"merge_method": "karcher", "base_model": base, "models": [{"model": a}, {"model": b}], "parameters": {"max_iter": 3}, "dtype": dtype},
+        "karcher+base-listed": {"merge_method": "karcher", "base_model": base, "models": [{"model": base}, {"model": a}, {"model": b}], "dtype": dtype},
         "nearswap": {
             "merge_method": "nearswap",
             "base_model": base,

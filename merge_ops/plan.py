@@ -163,7 +163,7 @@ class _Planner:
         self.out_dtype = DTYPE_NAMES[getattr(torch, out)] if out else None
 
     def job(self, name: str, members: list[tuple[ModelRef, str, Parameters]], slice_params: Parameters, t: float) -> TensorJob | None:
-        base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.base != "none" else None
+        base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.gets_base else None
         found: list[tuple[ModelRef, TensorSource, Parameters]] = []
         for ref, source_name, params in members:  # names and shapes agree: compatibility_report checked them
             model, header = self.models[ref.key], self.models[ref.key].tensors[source_name]

@@ -72,13 +72,13 @@ def method_problems(recipe: Recipe) -> list[str]:
     if recipe.models is not None:
         problems += _missing_required(method, [recipe.parameters], "parameters", per_model=False)
     for where, members, slice_params in groups:
-        others = [m for m, _ in members if not (method.base != "none" and m == base)]
+        others = [m for m, _ in members if not (method.gets_base and m == base)]
         if len(others) < method.min_models or (method.max_models and len(others) > method.max_models):
             wanted = f"exactly {method.max_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
             problems.append(f"{where}: {method.name} merges {wanted} model(s) besides the base, got {len(others)}")
         for j, (model, params) in enumerate(members):
             problems += _check_settings(method, params, f"{where}[{j}].parameters", per_model_only=True)
-            if not (method.base != "none" and model == base):
+            if not (method.gets_base and model == base):
                 problems += _missing_required(method, [params, slice_params, recipe.parameters], f"{where}[{j}] ({model})", per_model=True)
     return problems
 

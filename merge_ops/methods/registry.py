@@ -6,9 +6,12 @@ from merge_ops.methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from merge_ops.methods.dare import dare_linear, dare_ties
 from merge_ops.methods.declaration import MergeMethod
 from merge_ops.methods.della import della, della_linear
+from merge_ops.methods.karcher import karcher
 from merge_ops.methods.linear import linear
 from merge_ops.methods.model_stock import model_stock
+from merge_ops.methods.multislerp import multislerp
 from merge_ops.methods.nearswap import nearswap
+from merge_ops.methods.nuslerp import nuslerp
 from merge_ops.methods.passthrough import passthrough
 from merge_ops.methods.slerp import slerp
 from merge_ops.methods.task_arithmetic import task_arithmetic
@@ -19,6 +22,9 @@ METHODS: dict[str, MergeMethod] = {
     for m in (
         linear,
         slerp,
+        nuslerp,
+        multislerp,
+        karcher,
         nearswap,
         task_arithmetic,
         ties,
