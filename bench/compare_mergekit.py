@@ -107,6 +107,16 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
             "parameters": {"t": 0.01},
             "dtype": dtype,
         },
+        "sce": with_base("sce", {}, [{}, {}, {}], {"select_topk": 0.5}),
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": a}],
+            "dtype": dtype,
+        },
+        # epsilon 0.03: about half of each delta counts as changed, so entries one, several or no model changed all occur
+        "ram": with_base("ram", {}, [{}, {}, {}], {"epsilon": 0.03}),
+        "ramplus_tl": with_base("ramplus_tl", {}, [{}, {}, {}], {"epsilon": 0.03, "r": 0.5, "alpha": 2.0}),
         "passthrough": {
             "merge_method": "passthrough",
             "slices": [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from merge_ops.errors import RecipeError
+from merge_ops.methods.arcee_fusion import arcee_fusion
 from merge_ops.methods.breadcrumbs import breadcrumbs, breadcrumbs_ties
 from merge_ops.methods.dare import dare_linear, dare_ties
 from merge_ops.methods.declaration import MergeMethod
@@ -10,6 +11,8 @@ from merge_ops.methods.linear import linear
 from merge_ops.methods.model_stock import model_stock
 from merge_ops.methods.nearswap import nearswap
 from merge_ops.methods.passthrough import passthrough
+from merge_ops.methods.ram import ram, ramplus_tl
+from merge_ops.methods.sce import sce
 from merge_ops.methods.slerp import slerp
 from merge_ops.methods.task_arithmetic import task_arithmetic
 from merge_ops.methods.ties import ties
@@ -30,6 +33,10 @@ METHODS: dict[str, MergeMethod] = {
         della_linear,
         model_stock,
         passthrough,
+        sce,
+        arcee_fusion,
+        ram,
+        ramplus_tl,
     )
 }
 
