@@ -132,6 +132,16 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
             "parameters": {"t": 0.01},
             "dtype": dtype,
         },
+        "sce": with_base("sce", {}, [{}, {}, {}], {"select_topk": 0.5}),
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": a}],
+            "dtype": dtype,
+        },
+        # epsilon 0.03: about a third of each delta counts as changed; 3993 / 5510 / 2522 / 407 entries changed by 0 / 1 / 2 / 3 models
+        "ram": with_base("ram", {}, [{}, {}, {}], {"epsilon": 0.03}),
+        "ramplus_tl": with_base("ramplus_tl", {}, [{}, {}, {}], {"epsilon": 0.03, "r": 0.5, "alpha": 2.0}),
         "passthrough": {
             "merge_method": "passthrough",
             "slices": [

@@ -330,6 +330,10 @@ def test_dare_rescale_preserves_the_l1_norm_of_each_delta() -> None:
         torch.testing.assert_close(merged[mask], d[mask] * (d.abs().sum() / masked_l1), rtol=1e-4, atol=1e-5)
 
 
+SAMPLES_ONLY_LARGE = {"arcee_fusion"}
+"""Random only above a size (its quartiles come from a sample of tensors over 1e6 entries; test_fusion_methods.py)."""
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reruns_are_bit_identical_and_random_methods_follow_the_seed(name: str) -> None:
     g = gen(9)
@@ -341,7 +345,7 @@ def test_reruns_are_bit_identical_and_random_methods_follow_the_seed(name: str) 
         return METHODS[name](inputs, base_in, **call_kwargs(name, len(xs), seed=seed, sparse=True))
 
     assert torch.equal(run(7), run(7))
-    if METHODS[name].random:  # the generator seed decides the masks
+    if METHODS[name].random and name not in SAMPLES_ONLY_LARGE:  # the generator seed decides the masks
         assert not torch.equal(run(7), run(8))
 
 

@@ -16,19 +16,19 @@ from merge_ops.methods.blocks import Differences, above_and_equal, kth_largest
 
 
 class Magnitude:
-    """Keep exactly the ``int(density * numel)`` largest-magnitude entries (TIES trim).
+    """Keep exactly the ``int(density * numel)`` largest-magnitude entries (TIES trim), or exactly ``count`` of them.
 
     Ties at the threshold go to the lower flat index, as a stable descending sort would: ``prepare`` counts
     the ties of each block, so every block but the one where the tie budget runs out is a single comparison.
     """
 
-    def __init__(self, density: float) -> None:
-        self.density = density
+    def __init__(self, density: float, count: int | None = None) -> None:
+        self.density, self.count = density, count
         self.keep_all = density >= 1
 
     def prepare(self, deltas: Differences, shape: torch.Size) -> None:
         n = shape.numel()
-        k = int(self.density * n)
+        k = int(self.density * n) if self.count is None else self.count
         self.keep_all = self.density >= 1 or k >= n
         if self.keep_all:
             return
