@@ -186,11 +186,29 @@ def test_existing_output_is_kept_and_no_partial_model_is_left(family: dict[str, 
     with pytest.raises(OutputExistsError, match="--force"):
         merge(ties_recipe(family), out)
     assert (out / "keep.txt").read_text() == "mine"
-    bad = ties_recipe(family)
-    bad["models"][0]["parameters"]["density"] = 0.0001  # keeps no element of small tensors
-    with pytest.raises(ValueError, match="raise density"):
-        merge(bad, tmp_path / "never")
+    cancelling = {"merge_method": "multislerp", "parameters": {"normalize_weights": False}, "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft_a", "ft_a", "ft_a")]}
+    cancelling["models"][2]["parameters"]["weight"] = -2.0  # the weighted directions cancel: fails while merging
+    with pytest.raises(ValueError, match="cancel out"):
+        merge(cancelling, tmp_path / "never")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ties_density_keeps_at_least_one_entry_and_zero_keeps_none(family: dict[str, Path], tmp_path: Path) -> None:
+    """mergekit's TIES trim keeps ``max(1, int(density * n))`` entries; density 0 drops the model's delta."""
+    recipe = ties_recipe(family)
+    recipe["models"] = recipe["models"][:1]
+    recipe["models"][0]["parameters"]["density"] = 0.0001
+    merge(recipe, tmp_path / "one")
+    base, merged = load_file(family["base"] / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    ft = load_file(family["ft_a"] / "model.safetensors")
+    for name, tensor in merged.items():
+        changed = tensor != base[name]
+        assert int(changed.sum()) == 1, name
+        top = (ft[name] - base[name]).abs().flatten().argmax()
+        assert changed.flatten()[top], name
+    recipe["models"][0]["parameters"]["density"] = 0.0
+    merge(recipe, tmp_path / "none")
+    assert all(torch.equal(t, base[n]) for n, t in load_file(tmp_path / "none" / "model.safetensors").items())
 
 
 def test_a_failed_write_drops_the_partial_shard(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -265,10 +265,11 @@ def test_magnitude_k_is_the_floor_of_density_times_numel() -> None:
     assert torch.equal(sparsify.sparsified(sparsify.Magnitude(1.0), d), d)
 
 
-def test_magnitude_refuses_a_density_that_keeps_nothing() -> None:
-    # int(0.1 * 6) = 0: the spec requires k > 0.
-    with pytest.raises(ValueError, match="density"):
-        sparsify.sparsified(sparsify.Magnitude(0.1), T([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+def test_magnitude_keeps_at_least_one_entry_and_none_at_density_zero() -> None:
+    # int(0.1 * 6) = 0: mergekit keeps max(1, k) entries, so the largest one; density 0 keeps nothing.
+    x = T([1.0, -6.0, 3.0, 4.0, 5.0, 2.0])
+    assert torch.equal(sparsify.sparsified(sparsify.Magnitude(0.1), x), T([0.0, -6.0, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(sparsify.sparsified(sparsify.Magnitude(0.0), x), torch.zeros(6))
 
 
 # --- DARE -----------------------------------------------------------------------------------------
