@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel
 
 from merge_ops.architecture import is_pre_layer, layer_tensor_name, split_layer_name
+from merge_ops.chat_templates import resolve_chat_template
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
@@ -90,6 +91,7 @@ class MergePlan(BaseModel):
     config_from: str
     tokenizer_from: str | None
     chat_template: str | None
+    """The chat template text to write (the recipe's built-in format, Jinja or ``auto`` choice); None keeps the tokenizer's."""
     num_layers: int
     layer_origins: list[tuple[str, int]]
     out_dtype: str | None
@@ -317,7 +319,7 @@ def plan_merge(
         base_model=recipe.base_model.key if recipe.base_model else None,
         config_from=config_from,
         tokenizer_from=tokenizer_from,
-        chat_template=recipe.chat_template,
+        chat_template=resolve_chat_template(recipe.chat_template, [m.path for m in models.values() if m.path is not None]),
         num_layers=len(origins),
         layer_origins=origins,
         out_dtype=recipe.out_dtype or recipe.dtype,

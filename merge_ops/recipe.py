@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 
+from merge_ops.chat_templates import check_chat_template
 from merge_ops.errors import RecipeError
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -148,12 +149,18 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
+    """``auto``, a built-in prompt format (``merge_ops.chat_templates.BUILT_IN``) or a Jinja template."""
     name: str | None = None
     seed: int = 0
     output: Literal["model", "adapter"] = "model"
     """``adapter``: combine LoRA adapters of one base into one adapter (``merge_method`` a PEFT combination type)."""
     allow_adapter_base_mismatch: bool = False
     """Apply LoRA adapters to a base other than the one they declare (a warning instead of a problem)."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        return value if value is None else check_chat_template(value)
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:
