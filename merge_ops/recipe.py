@@ -38,6 +38,10 @@ def _split_reference(text: str) -> dict[str, Any]:
     return {"path": path, "revision": revision or None, "adapter": adapter or None}
 
 
+LOCAL_REVISION = "%s is a local folder, which has no revisions: @%s is ignored, as mergekit ignores it; remove it, or name a Hub repo to pin a revision"
+"""The warning (a logging format: folder, revision) when a reference to a local folder names a revision."""
+
+
 class ModelRef(BaseModel):
     """A model: a local directory or a Hub id, with an optional revision (``org/repo@rev``), optionally with a
     PEFT LoRA adapter applied to it (mergekit's ``BASE+ADAPTER``, or ``{model: BASE, lora: ADAPTER}``)."""
@@ -54,6 +58,9 @@ class ModelRef(BaseModel):
         if isinstance(value, str):
             return _split_reference(value)
         if isinstance(value, dict) and "model" in value:  # mergekit's {model: BASE, lora: ADAPTER}, each text or {path, revision}
+            unknown = sorted(set(value) - {"model", "lora"})
+            if unknown:
+                raise ValueError(f"{', '.join(unknown)}: not supported in a model reference; allowed keys: model, lora")
             base, lora = value["model"], value.get("lora")
             if isinstance(lora, dict):
                 lora = f"{lora['path']}@{lora['revision']}" if lora.get("revision") else lora.get("path")
@@ -127,6 +134,13 @@ class TokenizerConfig(BaseModel):
             raise ValueError("per-token embedding sources are not supported yet; remove tokenizer.tokens")
         return value
 
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _no_padding(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("padding the vocabulary is not supported yet; remove tokenizer.pad_to_multiple_of")
+        return value
+
 
 class Recipe(BaseModel):
     """A merge recipe (mergekit schema, plus mergeflow's optional ``seed`` for random methods, ``output`` and
@@ -151,6 +165,7 @@ class Recipe(BaseModel):
     chat_template: str | None = None
     """``auto``, a built-in prompt format (``merge_ops.chat_templates.BUILT_IN``) or a Jinja template."""
     name: str | None = None
+    """A label, as in mergekit (whose multi-merge files name each merge with it); the merge does not read it."""
     seed: int = 0
     output: Literal["model", "adapter"] = "model"
     """``adapter``: combine LoRA adapters of one base into one adapter (``merge_method`` a PEFT combination type)."""
