@@ -118,18 +118,3 @@ def resolve_chat_template(choice: str | None, folders: Iterable[Path]) -> str | 
         return BUILT_IN.get(choice, choice) if choice else None
     found = [template.strip() for template in map(model_chat_template, folders) if template and template.strip()]
     return Counter(found).most_common(1)[0][0] if found else None
-
-
-def write_chat_template(template: str, out_dir: Path) -> None:
-    """Make ``template`` the chat template of the tokenizer files in ``out_dir``.
-
-    It is written to ``chat_template.jinja`` (which transformers reads first); a ``chat_template`` in
-    ``tokenizer_config.json`` is set to the same text, so that older readers agree.
-    """
-    (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
-    config_path = out_dir / "tokenizer_config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if "chat_template" in config:
-            config["chat_template"] = template
-            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -9,7 +9,6 @@ from typing import Any
 import yaml
 
 from merge_ops.architecture import layer_count_key
-from merge_ops.chat_templates import write_chat_template
 from merge_ops.plan import MergePlan
 from merge_ops.safetensors_io import INDEX_FILE
 
@@ -69,8 +68,8 @@ def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
     for name in TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copyfile(source / name, out_dir / name)
-    if plan.chat_template is not None:
-        write_chat_template(plan.chat_template, out_dir)
+    if plan.chat_template is not None:  # transformers reads it before a chat_template in tokenizer_config.json
+        (out_dir / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
 
 
 def model_card(plan: MergePlan) -> str:

@@ -132,7 +132,7 @@ def test_a_built_in_name_is_written_as_its_template_and_the_merged_tokenizer_app
     source = with_tokenizer(family["ft_a"], tmp_path / "a", template=BUILT_IN["chatml"], in_config=True)
     merge_model(plan_merge(parse_recipe(recipe([source], chat_template="llama3"))), tmp_path / "out")
     assert (tmp_path / "out" / "chat_template.jinja").read_text() == BUILT_IN["llama3"]
-    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == BUILT_IN["llama3"]  # no stale copy
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["chat_template"] == BUILT_IN["chatml"]  # copied as is
     loaded = AutoTokenizer.from_pretrained(tmp_path / "out")
     messages, generation_prompt = CONVERSATIONS["user"]
     rendered = loaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
