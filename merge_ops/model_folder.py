@@ -22,12 +22,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -71,17 +65,15 @@ def _stored_dtype(plan: MergePlan) -> str:
 
 
 def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
-    """Copy the tokenizer files of the tokenizer source; apply a chat template if the recipe sets one."""
+    """Copy the tokenizer files of the tokenizer source; apply the plan's chat template, if any."""
     if plan.tokenizer_from is None:
         return
     source = Path(plan.sources[plan.tokenizer_from])
     for name in TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copyfile(source / name, out_dir / name)
-    template = plan.chat_template
-    if template and template != "auto":
-        template = CHAT_TEMPLATES.get(template, template)
-        (out_dir / "chat_template.jinja").write_text(template)
+    if plan.chat_template is not None:  # transformers reads it before a chat_template in tokenizer_config.json
+        (out_dir / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
 
 
 def model_card(plan: MergePlan) -> str:

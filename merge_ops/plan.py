@@ -7,6 +7,7 @@ and in any process.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from pydantic import BaseModel
 
 from merge_ops.architecture import encoder_layer_positions, is_pre_layer, layer_tensor_name, split_layer_name
+from merge_ops.chat_templates import resolve_chat_template
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
@@ -23,8 +25,10 @@ from merge_ops.lora import LoraTerm, is_adapter_folder
 from merge_ops.methods.declaration import REQUIRED, MergeMethod
 from merge_ops.methods.registry import get_method
 from merge_ops.parameters import NOT_SET, layer_position, lookup
-from merge_ops.recipe import ModelRef, Parameters, Recipe, adapter_base
+from merge_ops.recipe import LOCAL_REVISION, ModelRef, Parameters, Recipe, adapter_base
 from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, tensor_nbytes
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "mergekit")
@@ -90,6 +94,7 @@ class MergePlan(BaseModel):
     config_from: str
     tokenizer_from: str | None
     chat_template: str | None
+    """The chat template text to write (the recipe's built-in format, Jinja or ``auto`` choice); None keeps the tokenizer's."""
     num_layers: int
     layer_origins: list[tuple[str, int]]
     out_dtype: str | None
@@ -127,19 +132,21 @@ def read_models(recipe: Recipe) -> dict[str, ModelHeaders]:
         ModelNotFoundError: a reference is not a local model or adapter folder.
         RecipeError: an adapter listed on its own in a recipe without ``base_model``.
     """
-    def local(path: str) -> Path:
-        folder = next((c for c in (Path(path), recipe.base_dir / path) if c.is_dir()), None)
+    def local(ref: ModelRef) -> Path:
+        folder = next((c for c in (Path(ref.path), recipe.base_dir / ref.path) if c.is_dir()), None)
         if folder is None:
-            raise ModelNotFoundError(path, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path")
+            raise ModelNotFoundError(ref.path, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path")
+        if ref.revision:
+            log.warning(LOCAL_REVISION, ref.path, ref.revision)
         return folder
 
     def read(ref: ModelRef) -> ModelHeaders:
         if ref.adapter_ref is not None:
-            return read_local_headers(ref.key, local(ref.path), local(ref.adapter_ref.path))
-        folder = local(ref.path)
+            return read_local_headers(ref.key, local(ref), local(ref.adapter_ref))
+        folder = local(ref)
         if not is_adapter_folder(folder):
             return read_local_headers(ref.key, folder)
-        return read_local_headers(ref.key, local(adapter_base(recipe.base_model, ref).path), folder)
+        return read_local_headers(ref.key, local(adapter_base(recipe.base_model, ref)), folder)
 
     return {ref.key: read(ref) for ref in recipe.referenced_models}
 
@@ -318,7 +325,7 @@ def plan_merge(
         base_model=recipe.base_model.key if recipe.base_model else None,
         config_from=config_from,
         tokenizer_from=tokenizer_from,
-        chat_template=recipe.chat_template,
+        chat_template=resolve_chat_template(recipe.chat_template, [m.path for m in models.values() if m.path is not None]),
         num_layers=len(origins),
         layer_origins=origins,
         out_dtype=recipe.out_dtype or recipe.dtype,

@@ -80,6 +80,9 @@ def method_problems(recipe: Recipe) -> list[str]:
             problems += _check_settings(method, params, f"{where}[{j}].parameters", per_model_only=True)
             if not (method.gets_base and model == base):
                 problems += _missing_required(method, [params, slice_params, recipe.parameters], f"{where}[{j}] ({model})", per_model=True)
+            elif unread := [name for name in params if name in method.params]:
+                log.warning("%s[%d].parameters (%s): the base model's own parameters are not read by %s, which merges the other models "
+                            "against the base; they are ignored, as in mergekit", where, j, ", ".join(unread), method.name)
     return problems
 
 

@@ -172,7 +172,9 @@ def _family_parameters(
     """What every member of the family declares; a member's own parameters follow ``weight``.
 
     ``rescale`` (the kept entries get the task vector's L1 norm) only where a sparsifier drops entries;
-    ``int8_mask``, mergekit's memory option for the sign masks, is accepted and changes nothing.
+    ``int8_mask`` is mergekit's option to hold its whole-tensor sign masks as int8 rather than in the working dtype:
+    less memory, the same values (the signs compared are -1, 0 and 1 either way). mergeflow's masks only live per
+    cache-sized block, so there is nothing to save: it is accepted and the output is the same with either value.
     """
 
 
