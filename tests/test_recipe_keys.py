@@ -37,6 +37,16 @@ NEUTRAL_PARAMETERS = {
 }
 """Method parameters accepted for mergekit's recipes that leave the output as it is, with why."""
 
+CONTEXT = {
+    ("nuslerp", "nuslerp_row_wise"): {"nuslerp_flatten": False},
+    ("karcher", "max_iter"): {"tol": 0.0},
+    ("ramplus_tl", "r"): {"epsilon": 1.0},
+    ("ramplus_tl", "alpha"): {"epsilon": 1.0},
+}
+"""Parameters that only act beside another setting: nuslerp's row/column choice applies when it does not flatten;
+karcher's iteration cap when its tolerance does not stop it first; RAM+'s boost where some entries are changed by one
+model only (here: changes above ``epsilon``)."""
+
 ALTERNATIVES = (0.2, 0.7, 2, 5)
 """Another value for a parameter that is not a bool: the first that differs from the baseline and that its
 declaration allows."""
@@ -62,7 +72,7 @@ def test_every_method_parameter_changes_the_output_or_is_documented_neutral(meth
     m, declared = METHODS[method], METHODS[method].params[param]
     n = model_count(method, 3)
     base, tensors = method_inputs(n)
-    baseline = {"weight": [0.3, 0.9, 0.5][:n], "density": 0.5, "t": 0.3}  # unequal weights, half of each task vector kept
+    baseline = {"weight": [0.3, 0.9, 0.5][:n], "density": 0.5, "t": 0.3, **CONTEXT.get((method, param), {})}  # unequal weights, half kept
 
     def merged(**changed: Any) -> torch.Tensor:
         kwargs = {**call_kwargs(method, n, **{k: v for k, v in baseline.items() if k in m.params}), **changed}
