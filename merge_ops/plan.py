@@ -156,7 +156,7 @@ def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]
         return [_Slice([(s.model, s.layer_range, s.parameters) for s in sl.sources], sl.parameters) for sl in recipe.slices]
     members = [(m.model, m.parameters) for m in recipe.models or []]
     base = recipe.base_model
-    if base and method.base != "none" and base not in [m for m, _ in members]:
+    if base and base not in [m for m, _ in members]:  # as mergekit: one more input, even for methods without a base
         members.append((base, {}))
     reference = models[(base or members[0][0]).key]
     return [_Slice([(m, (0, reference.num_layers), p) for m, p in members], {})]

@@ -344,10 +344,28 @@ def test_mergekit_compute_dtype_follows_mergekit_per_method(family: dict[str, Pa
     from merge_ops.plan import resolve_compute_dtype
 
     def resolved(method: str, dtype: str | None) -> str:
-        return resolve_compute_dtype("mergekit", parse_recipe({**ties_recipe(family), "merge_method": method, "dtype": dtype}))
+        recipe = {**ties_recipe(family), "merge_method": method, "dtype": dtype}
+        if method == "linear":
+            del recipe["base_model"]  # linear would merge it as one more model, without a weight
+        return resolve_compute_dtype("mergekit", parse_recipe(recipe))
 
     assert resolved("ties", "bfloat16") == "bfloat16"
     assert resolved("task_arithmetic", None) == "float32"
     assert resolved("linear", "bfloat16") == "float32"
     plan = plan_merge(parse_recipe({**ties_recipe(family), "dtype": "bfloat16"}), compute_dtype="mergekit")
     assert plan.compute_dtype == "bfloat16"
+
+
+def test_an_unlisted_base_model_is_one_more_input_of_a_method_without_base(family: dict[str, Path], tmp_path: Path) -> None:
+    """As in mergekit 0.1.5: ``linear`` with ``base_model`` averages the base too; it needs a weight for it."""
+    recipe = {"merge_method": "linear", "base_model": str(family["base"]), "parameters": {"weight": 1.0},
+              "models": [{"model": str(family[k])} for k in ("ft_a", "ft_b")]}
+    merge(recipe, tmp_path / "mean")
+    inputs = [load_file(family[k] / "model.safetensors") for k in ("ft_a", "ft_b", "base")]
+    for name, tensor in load_file(tmp_path / "mean" / "model.safetensors").items():
+        expected = (inputs[0][name] * 1.0 + inputs[1][name] * 1.0 + inputs[2][name] * 1.0) / 3.0
+        assert torch.equal(tensor, expected), name
+    del recipe["parameters"]
+    recipe["models"] = [{"model": str(family[k]), "parameters": {"weight": 0.5}} for k in ("ft_a", "ft_b")]
+    with pytest.raises(RecipeError, match="weight"):
+        merge(recipe, tmp_path / "never")

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar, cast, get_args, ge
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-BaseUse = Literal["required", "optional", "input", "none"]
+BaseUse = Literal["required", "optional", "none"]
 REQUIRED: Any = inspect.Parameter.empty
 _INJECTED = ("tensors", "base", "generator", "dtype", "out_dtype")
 
@@ -136,9 +136,9 @@ def merge_method(
 
     Args:
         name: the recipe's ``merge_method`` value.
-        base: whether the method needs ``base_model`` ("required"), can use it ("optional"), merges it as one
-            more model ("input": mergekit adds a recipe's base_model to the models when it is not listed; the
-            function gets it among ``tensors``, in recipe order, and ``base`` is None), or ignores it ("none").
+        base: whether the method needs ``base_model`` ("required"), can use it ("optional"), or has no base
+            ("none": as in mergekit, a recipe's base_model not listed under ``models`` joins them as one more model,
+            after the listed ones; the function gets it among ``tensors`` and ``base`` is None).
         min_models, max_models: how many non-base inputs each tensor may have.
         elementwise: each output element depends only on the same element of each input, so the
             engine may merge a large tensor in row blocks (bit-identical, less memory).

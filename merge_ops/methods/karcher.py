@@ -10,7 +10,7 @@ from torch import Tensor
 from merge_ops.methods.declaration import NonNegative, merge_method
 
 
-@merge_method("karcher", base="input", min_models=1)
+@merge_method("karcher", base="none", min_models=1)
 def karcher(tensors: list[Tensor], base: None, *, max_iter: Annotated[int, Field(ge=0)] = 10, tol: NonNegative = 1e-5) -> Tensor:
     """Equal-weight Karcher mean (Riemannian barycentre) of the models' directions, scaled by the mean of their norms.
 
