@@ -17,9 +17,9 @@ delta to the base instead (fraction of changed entries, mean / std / mean-abs of
 
 Different vocabularies: ``tests/vocab_family.py`` builds the same family with tokenizers, where ft_a adds ChatML's two
 tokens (66 rows) and ft_neg adds them with its embedding padded to 72 rows; the ``METHOD/POLICY`` recipes merge it with
-``tokenizer_source`` or ``tokenizer:`` (tokens, force, padding), ``@tied`` on a copy with tied embeddings (``@mixed-tied``:
-one fine-tune of that copy, without lm_head, among untied models; ``@tied-base``: its base under untied fine-tunes;
-``@shuffled``: ft_b under a tokenizer whose characters come in reverse order, its rows moved with them). Their tokenizer
+``tokenizer_source`` or ``tokenizer:`` (tokens, force, padding), ``:tied`` on a copy with tied embeddings (``:mixed-tied``:
+one fine-tune of that copy, without lm_head, among untied models; ``:tied-base``: its base under untied fine-tunes;
+``:shuffled``: ft_b under a tokenizer whose characters come in reverse order, its rows moved with them). Their tokenizer
 files (tokenizer.json, tokenizer_config.json) and ``vocab_size`` are compared too.
 
 LoRA sources: a PEFT adapter of the base (rank 4, random non-zero factors on every linear module, built with
@@ -32,6 +32,9 @@ Cases:
   bf16/mf-bf16  bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype bfloat16``
   bf16/mf-mk    bfloat16 family, ``dtype: bfloat16``, mergeflow ``--compute-dtype mergekit``
   bf16->f32     bfloat16 family, ``dtype: float32`` (inputs upcast, float32 output)
+
+Other architectures: ``METHOD@KIND`` rows (``ARCH_ROWS``, e.g. ``ties@qwen2``) run METHOD's recipe on a float32 family of
+``tests/arch_family.py`` (tiny Qwen2 with tied embeddings, GPT-NeoX, Phi, written by ``save_pretrained``), case f32 only.
 """
 from __future__ import annotations
 
@@ -52,18 +55,22 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
+from arch_family import build_arch_family  # noqa: E402
 from tiny_family import base_state, build_family, fine_tune, make_adapter  # noqa: E402
 from vocab_family import CHATML, build_vocab_family, write_shuffled  # noqa: E402
 
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARCH_ROWS = ("ties@qwen2", "task_arithmetic@gpt_neox", "passthrough@gpt_neox", "task_arithmetic@phi", "passthrough@phi")
+"""METHOD@KIND: METHOD's recipe on the tiny KIND family of tests/arch_family.py (other layer, norm and embedding names)."""
 
 
 # --------------------------------------------------------------------------- recipes
 
 
 def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
-    """One mergekit-schema recipe per method, all paths absolute; ``<method>+lora`` recipes read ``BASE+ADAPTER``."""
+    """One mergekit-schema recipe per method, all paths absolute; ``<method>+<variant>`` recipes are variants: ``+lora``
+    reads ``BASE+ADAPTER``, ``+base`` adds a base_model (``+base-listed``: also listed first among the models)."""
     base, a, b, neg = fam["base"], fam["ft_a"], fam["ft_b"], fam["ft_neg"]
     adapted = f"{base}+{fam['adapter']}"
 
@@ -75,6 +82,13 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
         for m in r["models"]:
             m["parameters"].update(params)
         return r
+
+    def weighted(*weights: float) -> list[dict]:
+        return [{"model": m, "parameters": {"weight": w}} for m, w in zip((a, b, neg), weights, strict=False)]
+
+    def nuslerp(base_model: str | None, weights: tuple[float, float], **global_params: bool) -> dict:
+        r = {"merge_method": "nuslerp", "models": weighted(*weights), "parameters": global_params, "dtype": dtype}
+        return {**r, "base_model": base_model} if base_model else r
 
     three = lambda **extra: [{"weight": 1.0, **extra}, {"weight": 0.5, **extra}, {"weight": 0.7, **extra}]  # noqa: E731
     out = {
@@ -108,6 +122,17 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
             "models": [{"model": a}, {"model": b}, {"model": neg}],
             "dtype": dtype,
         },
+        "nuslerp": nuslerp(None, (1.0, 0.5)),
+        "nuslerp+base": nuslerp(base, (0.3, 0.7)),
+        "nuslerp+rows": nuslerp(None, (1.0, 0.5), nuslerp_flatten=False),
+        "nuslerp+base+columns": nuslerp(base, (0.3, 0.7), nuslerp_flatten=False, nuslerp_row_wise=True),
+        "multislerp": {"merge_method": "multislerp", "models": weighted(1.0, 0.5, 0.7), "dtype": dtype},
+        "multislerp+base": {
+            "merge_method": "multislerp", "base_model": base, "models": weighted(1.0, 0.5, 0.7), "parameters": {"normalize_weights": False}, "dtype": dtype,
+        },
+        "karcher": {"merge_method": "karcher", "models": [{"model": a}, {"model": b}, {"model": neg}], "dtype": dtype},
+        "karcher+base": {"merge_method": "karcher", "base_model": base, "models": [{"model": a}, {"model": b}], "parameters": {"max_iter": 3}, "dtype": dtype},
+        "karcher+base-listed": {"merge_method": "karcher", "base_model": base, "models": [{"model": base}, {"model": a}, {"model": b}], "dtype": dtype},
         "nearswap": {
             "merge_method": "nearswap",
             "base_model": base,
@@ -115,6 +140,16 @@ def recipes(fam: dict[str, str], dtype: str) -> dict[str, dict]:
             "parameters": {"t": 0.01},
             "dtype": dtype,
         },
+        "sce": with_base("sce", {}, [{}, {}, {}], {"select_topk": 0.5}),
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": a}],
+            "dtype": dtype,
+        },
+        # epsilon 0.03: about a third of each delta counts as changed; 3993 / 5510 / 2522 / 407 entries changed by 0 / 1 / 2 / 3 models
+        "ram": with_base("ram", {}, [{}, {}, {}], {"epsilon": 0.03}),
+        "ramplus_tl": with_base("ramplus_tl", {}, [{}, {}, {}], {"epsilon": 0.03, "r": 0.5, "alpha": 2.0}),
         "passthrough": {
             "merge_method": "passthrough",
             "slices": [
@@ -153,13 +188,13 @@ def vocab_recipes(fam: dict[str, str], tied: dict[str, str], dtype: str) -> dict
                         "dtype": dtype, "tokenizer_source": neg},
         "linear/tokens+pad": {"merge_method": "linear", "base_model": base, "models": weighted([(a, 1.0), (b, 0.5), (base, 0.25)]), "dtype": dtype,
                               "tokenizer": {"source": "union", "tokens": tokens, "pad_to_multiple_of": 32}},
-        "task_arithmetic/union@tied": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
+        "task_arithmetic/union:tied": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
                                        "models": weighted([(tied["ft_a"], 1.0), (tied["ft_b"], 0.5), (tied["ft_neg"], 0.7)])},
-        "task_arithmetic/union@mixed-tied": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
+        "task_arithmetic/union:mixed-tied": {"merge_method": "task_arithmetic", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
                                              "models": weighted([(a, 1.0), (tied["ft_b"], 0.5), (neg, 0.7)])},
-        "ties/union@shuffled": {"merge_method": "ties", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
+        "ties/union:shuffled": {"merge_method": "ties", "base_model": base, "dtype": dtype, "tokenizer_source": "union",
                                 "models": weighted([(a, 1.0), (fam["ft_shuffled"], 0.5), (neg, 0.7)], density=0.5)},
-        "task_arithmetic/union@tied-base": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
+        "task_arithmetic/union:tied-base": {"merge_method": "task_arithmetic", "base_model": tied["base"], "dtype": dtype, "tokenizer_source": "union",
                                             "models": weighted([(a, 1.0), (b, 0.5), (neg, 0.7)])},
     }
 
@@ -440,17 +475,21 @@ def main(argv: list[str] | None = None) -> int:
     every_recipe = lambda label, dtype: {  # noqa: E731
         **recipes(families[label], dtype), **vocab_recipes(families[f"vocab-{label}"], families[f"vocab-tied-{label}"], dtype),
     }
-    all_methods = list(every_recipe("float32", "float32"))
+    all_methods = [*every_recipe("float32", "float32"), *ARCH_ROWS]
     methods = args.methods or all_methods
     for method in methods:
         if method not in all_methods:
             p.error(f"unknown method {method}; known: {', '.join(all_methods)}")
-        for case in args.cases:
+        recipe_method, _, kind = method.partition("@")
+        if kind and kind not in families:  # the same recipes; no LoRA rows on these families
+            families[kind] = {k: str(v) for k, v in build_arch_family(work / f"family-{kind}", kind).items()} | {"adapter": "-"}
+        for case in args.cases if not kind else [c for c in args.cases if c == "f32"]:
             family, rdtype, compute = case_defs[case]
-            tag = f"{method}-{family}-{rdtype}".replace("/", "-").replace("@", "-")
+            family = kind or family
+            tag = f"{method}-{family}-{rdtype}".replace("/", "-").replace(":", "-")
             recipe_file = work / "recipes" / f"{tag}.yaml"
             recipe_file.parent.mkdir(exist_ok=True)
-            recipe_file.write_text(yaml.safe_dump(every_recipe(family, rdtype)[method], sort_keys=False))
+            recipe_file.write_text(yaml.safe_dump((recipes(families[family], rdtype) if kind else every_recipe(family, rdtype))[recipe_method], sort_keys=False))
             key = (method, family, rdtype)
             if key not in mk_cache:
                 mk_out = work / "out" / f"mergekit-{tag}"
@@ -475,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines = [ln for ln in lines if not ln.startswith("--- ")]
                 res = Result(method, case, error=f"{'+'.join(failed)} failed: {lines[-1][:200] if lines else '?'}")
             else:
-                res = compare(method, case, mk_out, mf_out, base_tensors[family])
+                res = compare(method, case, mk_out, mf_out, base_tensors.get(family))
             results.append(res)
             print(f"{method:18s} {case:13s} {res.error or res.verdict}", file=sys.stderr, flush=True)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from merge_ops.architecture import split_layer_name, tied_stand_in
+from merge_ops.architecture import encoder_parts, split_layer_name, tied_stand_in
 from merge_ops.errors import IncompatibleModelsError
 from merge_ops.headers import ModelHeaders, TensorHeader
 from merge_ops.recipe import ModelRef, Recipe, Slice, SliceSource, adapter_base
@@ -24,6 +24,8 @@ from merge_ops.vocabulary import VocabularyDifference, vocabulary_difference, vo
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
+SUB_CONFIGS = ("text_config", "vision_config")
+"""Parts of a multimodal config.json whose shape keys are compared as well (``text_config.hidden_size``)."""
 EXAMPLES = 5
 """Tensor names shown per finding; the count says how many there are in all."""
 
@@ -129,10 +131,17 @@ def summarize(h: ModelHeaders) -> ModelSummary:
     )
 
 
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    """``config[key]``, or for ``text_config.hidden_size`` the nested value; None where absent."""
+    section, _, name = key.rpartition(".")
+    part = config.get(section) if section else config
+    return part.get(name) if isinstance(part, dict) else None
+
+
 def _config_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
     found = []
-    for key in ("architectures", "model_type", *SHAPE_KEYS):
-        want, got = ref.config.get(key), other.config.get(key)
+    for key in ("architectures", "model_type", *SHAPE_KEYS, *(f"{sub}.{k}" for sub in SUB_CONFIGS for k in SHAPE_KEYS)):
+        want, got = _config_value(ref.config, key), _config_value(other.config, key)
         if want != got:
             found.append(Finding(severity="problem", model=other.key, check="config", message=f"{key} is {got!r}, the reference {ref.key} has {want!r}"))
     return found
@@ -295,6 +304,36 @@ def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference:
     return found
 
 
+def _layer_findings(h: ModelHeaders) -> list[Finding]:
+    """The decoder layers found in the tensor names must be the ones config.json counts, or slices and ``t`` would be wrong."""
+    try:
+        count = h.num_layers
+    except KeyError as err:
+        return [Finding(severity="problem", model=h.key, check="layers", message=f"{err.args[0]}: mergeflow cannot tell how many decoder layers "
+                        f"this {h.config.get('model_type') or 'model'} has; merging it is not supported")]
+    found = sorted(h.layers)
+    if found == list(range(count)):
+        return []
+    prefixes = sorted({parts[0] for name in h.tensors if (parts := split_layer_name(name))})
+    where = f"under {', '.join(prefixes)}" if prefixes else "none named <prefix>.layers.N, .h.N or .blocks.N"
+    shown = f"{len(found)} layers ({found[0]}..{found[-1]})" if found else "no layers"
+    return [Finding(severity="problem", model=h.key, check="layers", message=f"config.json counts {count} decoder layers, the tensor names hold "
+                    f"{shown}, {where}: this {h.config.get('model_type') or 'model'} layout is not supported")]
+
+
+def _multimodal_slice_findings(headers: dict[str, ModelHeaders]) -> list[Finding]:
+    """Slices stack decoder layers; a vision tower or projector has no place in them."""
+    found = []
+    for key, h in headers.items():
+        parts = encoder_parts(h.tensors)
+        if parts:
+            found.append(Finding(severity="problem", model=key, check="multimodal", message=(
+                f"a {h.config.get('model_type') or 'multimodal'} model with {', '.join(parts)} beside its text decoder: slice recipes stack "
+                "text-decoder layers only and do not place those parts; merge it with `models:` (the whole model, the text decoder layer by layer)"
+            )))
+    return found
+
+
 def _dtype_findings(recipe: Recipe, summaries: list[ModelSummary]) -> list[Finding]:
     kinds = {m.key: "/".join(sorted(m.dtypes)) for m in summaries}
     if len(set(kinds.values())) < 2:
@@ -406,6 +445,7 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
             findings += _config_findings(ref, h) + _vocabulary_findings(ref, h, _policy(recipe))
             findings += _tensor_findings(ref, h, tied=True) if recipe.slices is None else []
     if recipe.slices is not None:
-        findings += _slice_findings(recipe, headers, reference)
+        findings += _multimodal_slice_findings(headers) + _slice_findings(recipe, headers, reference)
     findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers) + _adapter_findings(recipe, headers)
+    findings += [f for h in headers.values() for f in _layer_findings(h)]
     return CompatibilityReport(method=recipe.merge_method, reference=reference, models=summaries, findings=findings)

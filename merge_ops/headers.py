@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel
 from safetensors import safe_open
 
-from merge_ops.architecture import layer_count_key, split_layer_name
+from merge_ops.architecture import layer_count, split_layer_name
 from merge_ops.errors import ModelNotFoundError
 from merge_ops.lora import ADAPTER_WEIGHTS, AdapterHeaders, LoraTerm, adapter_patch, read_adapter_headers
 from merge_ops.safetensors_io import tensor_nbytes, weight_files
@@ -65,8 +65,8 @@ class ModelHeaders(BaseModel):
 
     @property
     def num_layers(self) -> int:
-        """The layer count of config.json."""
-        return int(self.config[layer_count_key(self.config)])
+        """The decoder's layer count in config.json (or its text_config)."""
+        return layer_count(self.config)
 
     def file(self, tensor: str) -> Path:
         """The local file holding ``tensor``.

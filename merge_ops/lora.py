@@ -203,13 +203,15 @@ def apply_lora(weight: torch.Tensor, term: LoraTerm, factors: tuple[torch.Tensor
     out = torch.empty_like(weight)
     width = math.prod(weight.shape[1:])
     step = max(1, CHUNK_ELEMENTS // max(1, width))
-    buffer = torch.empty(min(step, weight.shape[0]) * width)  # reused: a fresh allocation per chunk costs page faults
+    size = min(step, weight.shape[0]) * width
+    update, upcast = torch.empty(size), torch.empty(size)  # reused: a fresh allocation per chunk costs page faults
     for start in range(0, weight.shape[0], step):
         end = min(start + step, weight.shape[0])
-        lo, hi = first + start, first + end
+        lo, hi, used = first + start, first + end, (end - start) * width
         if term.transpose:
-            delta = torch.mm(b, a[:, lo:hi], out=buffer[:(end - start) * width].view(width, end - start)).T
+            delta = torch.mm(b, a[:, lo:hi], out=update[:used].view(width, end - start)).T
         else:
-            delta = torch.mm(b[lo:hi], a, out=buffer[:(end - start) * width].view(end - start, width))
-        out[start:end] = delta.mul_(term.scale).add_(weight[start:end])
+            delta = torch.mm(b[lo:hi], a, out=update[:used].view(end - start, width))
+        stored = upcast[:used].view_as(delta).copy_(weight[start:end])  # same-dtype add_ is faster than a mixed one
+        out[start:end] = delta.mul_(term.scale).add_(stored)
     return out

@@ -32,7 +32,7 @@ from pydantic import BaseModel, computed_field
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from merge_ops.architecture import is_pre_layer, split_layer_name
+from merge_ops.architecture import in_numbered_block, is_pre_layer
 from merge_ops.compatibility import pair_findings
 from merge_ops.engine import check_device
 from merge_ops.errors import ExtractionError, IncompatibleModelsError, OutputExistsError
@@ -128,7 +128,7 @@ def _kinds(headers: ModelHeaders, embeddings: bool) -> dict[str, Kind]:
     for name, header in headers.tensors.items():
         if len(header.shape) != 2 or header.dtype not in FLOATS or not name.endswith(".weight"):
             continue
-        if split_layer_name(name) is not None:
+        if in_numbered_block(name):
             kinds[name] = "conv1d" if conv1d else "linear"
         elif embeddings:
             kinds[name] = "embedding" if is_pre_layer(name) else "linear"
@@ -146,7 +146,7 @@ def _why_not(name: str, headers: ModelHeaders, extracted: set[str], parents: set
     if modules_to_save:
         return None
     header = headers.tensors[name]
-    return OUTSIDE if len(header.shape) == 2 and header.dtype in FLOATS and split_layer_name(name) is None else NOT_LINEAR
+    return OUTSIDE if len(header.shape) == 2 and header.dtype in FLOATS and not in_numbered_block(name) else NOT_LINEAR
 
 
 def _check_options(rank: int | None, max_error: float | None, max_rank: int | None, dtype: str | None) -> None:

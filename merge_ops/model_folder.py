@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from merge_ops.architecture import layer_count_key
+from merge_ops.architecture import decoder_sections, layer_count_key, per_layer_keys
 from merge_ops.plan import MergePlan
 from merge_ops.safetensors_io import INDEX_FILE
 from merge_ops.vocabulary import build_tokenizers
@@ -23,12 +23,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "chat_template.jinja",
 )
-CHAT_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    ),
-}
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -44,14 +38,18 @@ def write_index(plan: MergePlan, out_dir: Path) -> None:
 
 
 def write_config(plan: MergePlan, out_dir: Path) -> None:
-    """config.json from the base (or first) model with the layer count and dtype of the merge."""
+    """config.json from the base (or first) model with the layer count and dtype of the merge.
+
+    The layer count is set where the source has one (config.json, its ``text_config``, or both); per-layer lists
+    there (``layer_types``) take each output layer's entry from the model and layer it came from.
+    """
     source = Path(plan.sources[plan.config_from])
     config = json.loads((source / "config.json").read_text())
-    config[layer_count_key(config)] = plan.num_layers
-    per_layer = [k for k, v in config.items() if isinstance(v, list) and len(v) == len(plan.layer_origins) and k.startswith("layer")]
-    for key in per_layer if plan.layer_origins else []:
-        origin_configs = {m: json.loads((Path(plan.sources[m]) / "config.json").read_text()) for m, _ in plan.layer_origins}
-        config[key] = [origin_configs[m][key][i] for m, i in plan.layer_origins]
+    origins = {m: json.loads((Path(plan.sources[m]) / "config.json").read_text()) for m in dict(plan.layer_origins)}
+    for position, section in enumerate(decoder_sections(config)):
+        for key in per_layer_keys(section) if plan.layer_origins else []:
+            section[key] = [decoder_sections(origins[m])[position][key][i] for m, i in plan.layer_origins]
+        section[layer_count_key(section)] = plan.num_layers
     if plan.vocab_size is not None:
         holder = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
         holder["vocab_size"] = plan.vocab_size
@@ -72,7 +70,7 @@ def _stored_dtype(plan: MergePlan) -> str:
 
 def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
     """The merged vocabulary's tokenizer (built from the models' tokenizers), else a copy of the tokenizer source's files;
-    then the chat template, if the recipe sets one."""
+    then the plan's chat template, if any."""
     if plan.tokenizer_build is not None:
         tokenizer, _ = build_tokenizers(plan.tokenizer_build, {key: Path(path) for key, path in plan.sources.items()})
         tokenizer.save_pretrained(str(out_dir), safe_serialization=True)
@@ -83,10 +81,8 @@ def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
         for name in TOKENIZER_FILES:
             if (source / name).exists():
                 shutil.copyfile(source / name, out_dir / name)
-    template = plan.chat_template
-    if template and template != "auto":
-        template = CHAT_TEMPLATES.get(template, template)
-        (out_dir / "chat_template.jinja").write_text(template)
+    if plan.chat_template is not None:  # transformers reads it before a chat_template in tokenizer_config.json
+        (out_dir / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
 
 
 def model_card(plan: MergePlan) -> str:

@@ -7,6 +7,7 @@ and in any process.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field
 
-from merge_ops.architecture import is_pre_layer, is_vocabulary_tensor, layer_tensor_name, split_layer_name, tied_stand_in
+from merge_ops.architecture import encoder_layer_positions, is_pre_layer, is_vocabulary_tensor, layer_tensor_name, split_layer_name, tied_stand_in
+from merge_ops.chat_templates import resolve_chat_template
 from merge_ops.compatibility import CompatibilityReport, compatibility_report
 from merge_ops.errors import ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, read_local_headers
@@ -23,10 +25,12 @@ from merge_ops.lora import LoraTerm, is_adapter_folder
 from merge_ops.methods.declaration import REQUIRED, MergeMethod
 from merge_ops.methods.registry import get_method
 from merge_ops.parameters import NOT_SET, layer_position, lookup
-from merge_ops.recipe import ModelRef, Parameters, Recipe, adapter_base
+from merge_ops.recipe import LOCAL_REVISION, ModelRef, Parameters, Recipe, adapter_base
 from merge_ops.safetensors_io import DTYPE_NAMES, DTYPES, tensor_nbytes
 from merge_ops.vocabulary import OutputTokenizer, Vocabularies, plan_vocabulary, truncated_rows
 from merge_ops.vocabulary_rows import VocabularyRows
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "mergekit")
@@ -94,6 +98,7 @@ class MergePlan(BaseModel):
     config_from: str
     tokenizer_from: str | None
     chat_template: str | None
+    """The chat template text to write (the recipe's built-in format, Jinja or ``auto`` choice); None keeps the tokenizer's."""
     num_layers: int
     layer_origins: list[tuple[str, int]]
     out_dtype: str | None
@@ -135,19 +140,21 @@ def read_models(recipe: Recipe) -> dict[str, ModelHeaders]:
         ModelNotFoundError: a reference is not a local model or adapter folder.
         RecipeError: an adapter listed on its own in a recipe without ``base_model``.
     """
-    def local(path: str) -> Path:
-        folder = next((c for c in (Path(path), recipe.base_dir / path) if c.is_dir()), None)
+    def local(ref: ModelRef) -> Path:
+        folder = next((c for c in (Path(ref.path), recipe.base_dir / ref.path) if c.is_dir()), None)
         if folder is None:
-            raise ModelNotFoundError(path, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path")
+            raise ModelNotFoundError(ref.path, "not a local model folder; download Hub models first (`mergeflow run` does) or fix the path")
+        if ref.revision:
+            log.warning(LOCAL_REVISION, ref.path, ref.revision)
         return folder
 
     def read(ref: ModelRef) -> ModelHeaders:
         if ref.adapter_ref is not None:
-            return read_local_headers(ref.key, local(ref.path), local(ref.adapter_ref.path))
-        folder = local(ref.path)
+            return read_local_headers(ref.key, local(ref), local(ref.adapter_ref))
+        folder = local(ref)
         if not is_adapter_folder(folder):
             return read_local_headers(ref.key, folder)
-        return read_local_headers(ref.key, local(adapter_base(recipe.base_model, ref).path), folder)
+        return read_local_headers(ref.key, local(adapter_base(recipe.base_model, ref)), folder)
 
     return {ref.key: read(ref) for ref in recipe.referenced_models}
 
@@ -157,7 +164,7 @@ def _slices(recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders]
         return [_Slice([(s.model, s.layer_range, s.parameters) for s in sl.sources], sl.parameters) for sl in recipe.slices]
     members = [(m.model, m.parameters) for m in recipe.models or []]
     base = recipe.base_model
-    if base and method.base != "none" and base not in [m for m, _ in members]:
+    if base and base not in [m for m, _ in members]:  # as mergekit: one more input, even for methods without a base
         members.append((base, {}))
     reference = models[(base or members[0][0]).key]
     return [_Slice([(m, (0, reference.num_layers), p) for m, p in members], {})]
@@ -171,7 +178,7 @@ class _Planner:
         self.out_dtype = DTYPE_NAMES[getattr(torch, out)] if out else None
 
     def job(self, name: str, members: list[tuple[ModelRef, str, Parameters]], slice_params: Parameters, t: float) -> TensorJob | None:
-        base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.base != "none" else None
+        base_key = self.recipe.base_model.key if self.recipe.base_model and self.method.gets_base else None
         found: list[tuple[ModelRef, TensorSource, Parameters]] = []
         members = [(ref, tied_stand_in(n, self.models[ref.key].tensors) or n, p) for ref, n, p in members]  # a tied output head: its embedding
         for ref, source_name, params in members:  # names and shapes agree: compatibility_report checked them
@@ -243,7 +250,8 @@ class _Planner:
             own = reference(sl).tensors
             heads = [n for ref, _, _ in sl.sources for n in self.models[ref.key].tensors if tied_stand_in(n, own)]  # the reference ties its head
             names = [n for n in dict.fromkeys([*own, *heads]) if split_layer_name(n) is None and is_pre_layer(n) == pre]
-            return [self.job(n, [(ref, n, p) for ref, _, p in sl.sources], sl.parameters, 0.0) for n in names]
+            positions = encoder_layer_positions(own)
+            return [self.job(n, [(ref, n, p) for ref, _, p in sl.sources], sl.parameters, positions.get(n, 0.0)) for n in names]
 
         jobs = outside_layers(slices[0], pre=True)
         origins: list[tuple[str, int]] = []
@@ -341,7 +349,7 @@ def plan_merge(
         base_model=recipe.base_model.key if recipe.base_model else None,
         config_from=config_from,
         tokenizer_from=tokenizer_from,
-        chat_template=recipe.chat_template,
+        chat_template=resolve_chat_template(recipe.chat_template, [m.path for m in models.values() if m.path is not None]),
         num_layers=len(origins),
         layer_origins=origins,
         out_dtype=recipe.out_dtype or recipe.dtype,

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator, model_serializer, model_validator
 
+from merge_ops.chat_templates import check_chat_template
 from merge_ops.errors import RecipeError
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -37,6 +38,10 @@ def _split_reference(text: str) -> dict[str, Any]:
     return {"path": path, "revision": revision or None, "adapter": adapter or None}
 
 
+LOCAL_REVISION = "%s is a local folder, which has no revisions: @%s is ignored, as mergekit ignores it; remove it, or name a Hub repo to pin a revision"
+"""The warning (a logging format: folder, revision) when a reference to a local folder names a revision."""
+
+
 class ModelRef(BaseModel):
     """A model: a local directory or a Hub id, with an optional revision (``org/repo@rev``), optionally with a
     PEFT LoRA adapter applied to it (mergekit's ``BASE+ADAPTER``, or ``{model: BASE, lora: ADAPTER}``)."""
@@ -53,6 +58,9 @@ class ModelRef(BaseModel):
         if isinstance(value, str):
             return _split_reference(value)
         if isinstance(value, dict) and "model" in value:  # mergekit's {model: BASE, lora: ADAPTER}, each text or {path, revision}
+            unknown = sorted(set(value) - {"model", "lora"})
+            if unknown:
+                raise ValueError(f"{', '.join(unknown)}: not supported in a model reference; allowed keys: model, lora")
             base, lora = value["model"], value.get("lora")
             if isinstance(lora, dict):
                 lora = f"{lora['path']}@{lora['revision']}" if lora.get("revision") else lora.get("path")
@@ -199,7 +207,9 @@ class Recipe(BaseModel):
     tokenizer_source: str | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
+    """``auto``, a built-in prompt format (``merge_ops.chat_templates.BUILT_IN``) or a Jinja template."""
     name: str | None = None
+    """A label, as in mergekit (whose multi-merge files name each merge with it); the merge does not read it."""
     seed: int = 0
     output: Literal["model", "adapter"] = "model"
     """``adapter``: combine LoRA adapters of one base into one adapter (``merge_method`` a PEFT combination type)."""
@@ -208,6 +218,11 @@ class Recipe(BaseModel):
     unsafe_truncate_embeddings: bool = False
     """Without a tokenizer policy, merge embeddings of different vocabulary sizes over their common first rows (mergekit's
     ``--unsafe-truncate-embeddings``): a warning instead of a problem. Token ids must mean the same in those rows."""
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        return value if value is None else check_chat_template(value)
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> Recipe:

@@ -61,6 +61,8 @@ def method_problems(recipe: Recipe) -> list[str]:
     groups: list[tuple[str, list[tuple[ModelRef, Parameters]], Parameters]]
     if recipe.models is not None:
         groups = [("models", [(m.model, m.parameters) for m in recipe.models], {})]
+        if base and not method.gets_base and base not in [m.model for m in recipe.models]:  # mergekit adds it to the models
+            groups[0][1].append((base, {}))
     else:
         groups = [
             (f"slices[{i}].sources", [(s.model, s.parameters) for s in sl.sources], sl.parameters)
@@ -72,14 +74,20 @@ def method_problems(recipe: Recipe) -> list[str]:
     if recipe.models is not None:
         problems += _missing_required(method, [recipe.parameters], "parameters", per_model=False)
     for where, members, slice_params in groups:
-        others = [m for m, _ in members if not (method.base != "none" and m == base)]
+        others = [m for m, _ in members if not (method.gets_base and m == base)]
         if len(others) < method.min_models or (method.max_models and len(others) > method.max_models):
             wanted = f"exactly {method.max_models}" if method.min_models == method.max_models else f"at least {method.min_models}"
             problems.append(f"{where}: {method.name} merges {wanted} model(s) besides the base, got {len(others)}")
         for j, (model, params) in enumerate(members):
             problems += _check_settings(method, params, f"{where}[{j}].parameters", per_model_only=True)
-            if not (method.base != "none" and model == base):
-                problems += _missing_required(method, [params, slice_params, recipe.parameters], f"{where}[{j}] ({model})", per_model=True)
+            if not (method.gets_base and model == base):
+                at = f"{where}[{j}] ({model})" if recipe.slices or j < len(recipe.models or []) else (
+                    f"base_model ({model}): {method.name} merges it as one more model, as mergekit does (list it under `models` with its parameters, "
+                    "or remove base_model)")
+                problems += _missing_required(method, [params, slice_params, recipe.parameters], at, per_model=True)
+            elif unread := [name for name in params if name in method.params]:
+                log.warning("%s[%d].parameters (%s): the base model's own parameters are not read by %s, which merges the other models "
+                            "against the base; they are ignored, as in mergekit", where, j, ", ".join(unread), method.name)
     return problems
 
 

@@ -11,6 +11,7 @@ functions, so it is never an argument, a log line or a Prefect record.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,9 +22,11 @@ from pydantic import BaseModel, Field
 from merge_ops.errors import ModelNotFoundError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterHeaders, check_adapter_config, is_adapter_folder, read_adapter_headers
-from merge_ops.recipe import ModelRef, adapter_base
+from merge_ops.recipe import LOCAL_REVISION, ModelRef, adapter_base
 from mergeflow import settings
 from mergeflow.hub import hub_error
+
+log = logging.getLogger(__name__)
 
 ALLOW_PATTERNS = (
     "*.safetensors",
@@ -81,6 +84,8 @@ def _pin(ref: ModelRef, base_dir: Path, endpoint: str | None) -> tuple[Source, b
     """``ref`` pinned to a folder or a commit, and whether it is a PEFT adapter rather than a model."""
     folder = _local_folder(ref, base_dir)
     if folder is not None:
+        if ref.revision:
+            log.warning(LOCAL_REVISION, ref.path, ref.revision)
         return Source(key=ref.key, path=folder), is_adapter_folder(folder)
     if ref.path.count("/") != 1 or ref.path.startswith((".", "/")):
         raise ModelNotFoundError(ref.key, "not a local folder, nor a Hub repo id of the form org/name")

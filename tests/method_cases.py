@@ -39,7 +39,7 @@ def model_count(name: str, preferred: int = 2) -> int:
 
 
 def uses_base(name: str) -> bool:
-    return METHODS[name].base != "none"
+    return METHODS[name].gets_base
 
 
 def recipe_values(name: str, *, sparse: bool = False, **where_declared: Any) -> dict[str, Any]:

@@ -186,11 +186,29 @@ def test_existing_output_is_kept_and_no_partial_model_is_left(family: dict[str, 
     with pytest.raises(OutputExistsError, match="--force"):
         merge(ties_recipe(family), out)
     assert (out / "keep.txt").read_text() == "mine"
-    bad = ties_recipe(family)
-    bad["models"][0]["parameters"]["density"] = 0.0001  # keeps no element of small tensors
-    with pytest.raises(ValueError, match="raise density"):
-        merge(bad, tmp_path / "never")
+    cancelling = {"merge_method": "multislerp", "parameters": {"normalize_weights": False}, "models": [{"model": str(family[k]), "parameters": {"weight": 1.0}} for k in ("ft_a", "ft_a", "ft_a")]}
+    cancelling["models"][2]["parameters"]["weight"] = -2.0  # the weighted directions cancel: fails while merging
+    with pytest.raises(ValueError, match="cancel out"):
+        merge(cancelling, tmp_path / "never")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_ties_density_keeps_at_least_one_entry_and_zero_keeps_none(family: dict[str, Path], tmp_path: Path) -> None:
+    """mergekit's TIES trim keeps ``max(1, int(density * n))`` entries; density 0 drops the model's delta."""
+    recipe = ties_recipe(family)
+    recipe["models"] = recipe["models"][:1]
+    recipe["models"][0]["parameters"]["density"] = 0.0001
+    merge(recipe, tmp_path / "one")
+    base, merged = load_file(family["base"] / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    ft = load_file(family["ft_a"] / "model.safetensors")
+    for name, tensor in merged.items():
+        changed = tensor != base[name]
+        assert int(changed.sum()) == 1, name
+        top = (ft[name] - base[name]).abs().flatten().argmax()
+        assert changed.flatten()[top], name
+    recipe["models"][0]["parameters"]["density"] = 0.0
+    merge(recipe, tmp_path / "none")
+    assert all(torch.equal(t, base[n]) for n, t in load_file(tmp_path / "none" / "model.safetensors").items())
 
 
 def test_a_failed_write_drops_the_partial_shard(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -326,10 +344,28 @@ def test_mergekit_compute_dtype_follows_mergekit_per_method(family: dict[str, Pa
     from merge_ops.plan import resolve_compute_dtype
 
     def resolved(method: str, dtype: str | None) -> str:
-        return resolve_compute_dtype("mergekit", parse_recipe({**ties_recipe(family), "merge_method": method, "dtype": dtype}))
+        recipe = {**ties_recipe(family), "merge_method": method, "dtype": dtype}
+        if method == "linear":
+            del recipe["base_model"]  # linear would merge it as one more model, without a weight
+        return resolve_compute_dtype("mergekit", parse_recipe(recipe))
 
     assert resolved("ties", "bfloat16") == "bfloat16"
     assert resolved("task_arithmetic", None) == "float32"
     assert resolved("linear", "bfloat16") == "float32"
     plan = plan_merge(parse_recipe({**ties_recipe(family), "dtype": "bfloat16"}), compute_dtype="mergekit")
     assert plan.compute_dtype == "bfloat16"
+
+
+def test_an_unlisted_base_model_is_one_more_input_of_a_method_without_base(family: dict[str, Path], tmp_path: Path) -> None:
+    """As in mergekit 0.1.5: ``linear`` with ``base_model`` averages the base too; it needs a weight for it."""
+    recipe = {"merge_method": "linear", "base_model": str(family["base"]), "parameters": {"weight": 1.0},
+              "models": [{"model": str(family[k])} for k in ("ft_a", "ft_b")]}
+    merge(recipe, tmp_path / "mean")
+    inputs = [load_file(family[k] / "model.safetensors") for k in ("ft_a", "ft_b", "base")]
+    for name, tensor in load_file(tmp_path / "mean" / "model.safetensors").items():
+        expected = (inputs[0][name] * 1.0 + inputs[1][name] * 1.0 + inputs[2][name] * 1.0) / 3.0
+        assert torch.equal(tensor, expected), name
+    del recipe["parameters"]
+    recipe["models"] = [{"model": str(family[k]), "parameters": {"weight": 0.5}} for k in ("ft_a", "ft_b")]
+    with pytest.raises(RecipeError, match="weight"):
+        merge(recipe, tmp_path / "never")

@@ -265,10 +265,11 @@ def test_magnitude_k_is_the_floor_of_density_times_numel() -> None:
     assert torch.equal(sparsify.sparsified(sparsify.Magnitude(1.0), d), d)
 
 
-def test_magnitude_refuses_a_density_that_keeps_nothing() -> None:
-    # int(0.1 * 6) = 0: the spec requires k > 0.
-    with pytest.raises(ValueError, match="density"):
-        sparsify.sparsified(sparsify.Magnitude(0.1), T([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))
+def test_magnitude_keeps_at_least_one_entry_and_none_at_density_zero() -> None:
+    # int(0.1 * 6) = 0: mergekit keeps max(1, k) entries, so the largest one; density 0 keeps nothing.
+    x = T([1.0, -6.0, 3.0, 4.0, 5.0, 2.0])
+    assert torch.equal(sparsify.sparsified(sparsify.Magnitude(0.1), x), T([0.0, -6.0, 0.0, 0.0, 0.0, 0.0]))
+    assert torch.equal(sparsify.sparsified(sparsify.Magnitude(0.0), x), torch.zeros(6))
 
 
 # --- DARE -----------------------------------------------------------------------------------------
@@ -330,6 +331,10 @@ def test_dare_rescale_preserves_the_l1_norm_of_each_delta() -> None:
         torch.testing.assert_close(merged[mask], d[mask] * (d.abs().sum() / masked_l1), rtol=1e-4, atol=1e-5)
 
 
+SAMPLES_ONLY_LARGE = {"arcee_fusion"}
+"""Random only above a size (its quartiles come from a sample of tensors over 1e6 entries; test_fusion_methods.py)."""
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_reruns_are_bit_identical_and_random_methods_follow_the_seed(name: str) -> None:
     g = gen(9)
@@ -341,7 +346,7 @@ def test_reruns_are_bit_identical_and_random_methods_follow_the_seed(name: str) 
         return METHODS[name](inputs, base_in, **call_kwargs(name, len(xs), seed=seed, sparse=True))
 
     assert torch.equal(run(7), run(7))
-    if METHODS[name].random:  # the generator seed decides the masks
+    if METHODS[name].random and name not in SAMPLES_ONLY_LARGE:  # the generator seed decides the masks
         assert not torch.equal(run(7), run(8))
 
 

@@ -225,7 +225,7 @@ def test_unsafe_truncation_merges_the_common_rows(vocab: dict[str, Path], tmp_pa
 
 
 def test_recipe_checks_of_tokens(vocab: dict[str, Path]) -> None:
-    data = recipe(vocab, "linear", {"ft_a": 1.0})
+    data = recipe(vocab, "linear", {"ft_a": 1.0, "base": 0.5})
     bad = [
         ({"tokens": {"<x>": {"source": "org/elsewhere"}}}, "not one of the recipe's models"),
         ({"tokens": {"<x>": {"force": True}}}, "force needs a source"),

@@ -114,6 +114,11 @@ class MergeMethod:
     elementwise: bool
     summary: str
 
+    @property
+    def gets_base(self) -> bool:
+        """The function gets the base model's tensor as ``base``, apart from ``tensors``."""
+        return self.base in ("required", "optional")
+
     def __call__(self, tensors: Any, base: Any, **kwargs: Any) -> Any:
         return self.fn(tensors, base, **kwargs)
 
@@ -131,7 +136,9 @@ def merge_method(
 
     Args:
         name: the recipe's ``merge_method`` value.
-        base: whether the method needs ``base_model`` ("required"), can use it, or ignores it.
+        base: whether the method needs ``base_model`` ("required"), can use it ("optional"), or has no base
+            ("none": as in mergekit, a recipe's base_model not listed under ``models`` joins them as one more model,
+            after the listed ones; the function gets it among ``tensors`` and ``base`` is None).
         min_models, max_models: how many non-base inputs each tensor may have.
         elementwise: each output element depends only on the same element of each input, so the
             engine may merge a large tensor in row blocks (bit-identical, less memory).

@@ -12,28 +12,32 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from merge_ops.methods.blocks import Differences, above_and_equal, kth_largest
+from merge_ops.methods.blocks import Differences, above_and_equal, block_slices, kth_largest
 
 
 class Magnitude:
-    """Keep exactly the ``int(density * numel)`` largest-magnitude entries (TIES trim).
+    """Keep exactly the ``max(1, int(density * numel))`` largest-magnitude entries (TIES trim; none when ``density <= 0``,
+    as mergekit), or exactly ``count`` of them.
 
     Ties at the threshold go to the lower flat index, as a stable descending sort would: ``prepare`` counts
     the ties of each block, so every block but the one where the tie budget runs out is a single comparison.
     """
 
-    def __init__(self, density: float) -> None:
-        self.density = density
+    def __init__(self, density: float, count: int | None = None) -> None:
+        self.density, self.count = density, count
         self.keep_all = density >= 1
 
     def prepare(self, deltas: Differences, shape: torch.Size) -> None:
         n = shape.numel()
-        k = int(self.density * n)
+        k = (max(1, int(self.density * n)) if self.density > 0 else 0) if self.count is None else self.count
         self.keep_all = self.density >= 1 or k >= n
         if self.keep_all:
             return
         if k <= 0:
-            raise ValueError(f"density {self.density} keeps no element of a tensor with {n} elements; raise density")
+            self.threshold: Tensor | float = float("inf")
+            self.ties_kept: list[tuple[int, int]] = [(0, 0)] * len(list(block_slices(n)))  # per block: (ties kept, ties)
+            self.reset()
+            return
 
         def magnitudes() -> Iterator[Tensor]:
             return (d.abs().float() for d in deltas())
@@ -41,7 +45,7 @@ class Magnitude:
         self.threshold = found.value
         per_block = found.equal_per_block or [above_and_equal(m, found.value)[1] for m in magnitudes()]
         budget = k - found.above
-        self.ties_kept: list[tuple[int, int]] = []  # per block: (ties kept, ties)
+        self.ties_kept = []
         for ties in per_block:
             self.ties_kept.append((min(ties, budget), ties))
             budget -= self.ties_kept[-1][0]

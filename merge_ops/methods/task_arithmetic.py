@@ -60,6 +60,13 @@ def _sum_rows(stacked: Tensor) -> Tensor:
     return total
 
 
+def elect_signs(rows: Tensor) -> Tensor:
+    """TIES sign election over ``rows`` (one row per model): 1.0 where an entry has the sign of its column's sum
+    (a zero sum counts as positive), 0.0 elsewhere; zero entries never agree. A float mask in ``rows``' dtype."""
+    majority = _sum_rows(rows).ge_(0).mul_(2).sub_(1)  # +1 or -1
+    return (rows * majority).gt_(0)
+
+
 def combine_task_vectors(
     tensors: list[Tensor],
     base: Tensor,
@@ -122,8 +129,7 @@ def combine_task_vectors(
         def combine(part: slice) -> None:  # elementwise over the block: any split gives the same values
             rows = stacked[:, part]
             if consensus:
-                majority = _sum_rows(rows).ge_(0).mul_(2).sub_(1)  # +1 or -1; a zero vote is +1
-                agree = (rows * majority).gt_(0)  # same non-zero sign as the majority
+                agree = elect_signs(rows)
                 mixed = _sum_rows(rows.mul_(agree))
                 if normalize:
                     mixed /= agreeing_weight(agree)
@@ -166,7 +172,9 @@ def _family_parameters(
     """What every member of the family declares; a member's own parameters follow ``weight``.
 
     ``rescale`` (the kept entries get the task vector's L1 norm) only where a sparsifier drops entries;
-    ``int8_mask``, mergekit's memory option for the sign masks, is accepted and changes nothing.
+    ``int8_mask`` is mergekit's option to hold its whole-tensor sign masks as int8 rather than in the working dtype:
+    less memory, the same values (the signs compared are -1, 0 and 1 either way). mergeflow's masks only live per
+    cache-sized block, so there is nothing to save: it is accepted and the output is the same with either value.
     """
 
 
