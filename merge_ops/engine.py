@@ -123,10 +123,11 @@ class InputReader:
         keys = [(Path(s.lora.file), name) for s in sources if s.lora for name in (s.lora.a, s.lora.b)]
         factors = self.factors.read(keys, None)
         pairs = iter(zip(factors[::2], factors[1::2], strict=True))  # (A, B) of each LoRA source, in order
-        tensors = [apply_lora(t, s.lora, next(pairs), piece.rows) if s.lora else t for t, s in zip(tensors, sources, strict=True)]
+        direct = self.cast if self.device.type == "cpu" and job.vocabulary is None else None  # adapted weights made in the compute dtype
+        tensors = [apply_lora(t, s.lora, next(pairs), piece.rows, direct) if s.lora else t for t, s in zip(tensors, sources, strict=True)]
         if job.vocabulary is not None:  # in the dtype the inputs are loaded in, before any cast to the compute dtype (as mergekit)
             tensors = line_up(tensors, job.vocabulary)
-        tensors = [self._prepare(t) for t in tensors]
+        tensors = [t if s.lora and direct is not None and t.is_floating_point() else self._prepare(t) for t, s in zip(tensors, sources, strict=True)]
         return (tensors[:-1], tensors[-1]) if job.base else (tensors, None)
 
     def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:

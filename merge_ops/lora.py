@@ -191,20 +191,24 @@ def load_factors(term: LoraTerm) -> tuple[torch.Tensor, torch.Tensor]:
     return load_tensor(Path(term.file), term.a), load_tensor(Path(term.file), term.b)
 
 
-def apply_lora(weight: torch.Tensor, term: LoraTerm, factors: tuple[torch.Tensor, torch.Tensor], rows: tuple[int, int] | None) -> torch.Tensor:
+def apply_lora(
+    weight: torch.Tensor, term: LoraTerm, factors: tuple[torch.Tensor, torch.Tensor], rows: tuple[int, int] | None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``weight`` (all rows, or rows ``[start, end)`` of the base tensor) plus the adapter's term, in float32, rounded to
-    ``weight``'s dtype.
+    ``weight``'s dtype; returned in ``dtype`` (default: ``weight``'s), so a caller that computes in float32 gets the
+    rounded values without a second conversion pass.
 
     ``factors`` are the term's A and B as stored (whole tensors: the caller keeps them loaded across a tensor's row
     blocks). The update is computed ``CHUNK_ELEMENTS`` at a time, so a whole large tensor needs no float32 copy.
     """
     a, b = (f.float() for f in factors)
     first = rows[0] if rows else 0
-    out = torch.empty_like(weight)
+    out = torch.empty(weight.shape, dtype=dtype or weight.dtype)
     width = math.prod(weight.shape[1:])
     step = max(1, CHUNK_ELEMENTS // max(1, width))
     size = min(step, weight.shape[0]) * width
     update, upcast = torch.empty(size), torch.empty(size)  # reused: a fresh allocation per chunk costs page faults
+    rounded = torch.empty(size, dtype=weight.dtype) if weight.dtype not in (out.dtype, torch.float32) else None  # round to the stored dtype first
     for start in range(0, weight.shape[0], step):
         end = min(start + step, weight.shape[0])
         lo, hi, used = first + start, first + end, (end - start) * width
@@ -213,5 +217,6 @@ def apply_lora(weight: torch.Tensor, term: LoraTerm, factors: tuple[torch.Tensor
         else:
             delta = torch.mm(b[lo:hi], a, out=update[:used].view(end - start, width))
         stored = upcast[:used].view_as(delta).copy_(weight[start:end])  # same-dtype add_ is faster than a mixed one
-        out[start:end] = delta.mul_(term.scale).add_(stored)
+        result = delta.mul_(term.scale).add_(stored)
+        out[start:end] = result if rounded is None else rounded[:used].view_as(result).copy_(result)
     return out
