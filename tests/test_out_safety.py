@@ -12,11 +12,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
 import merge_ops.engine
 import mergeflow.staging
 from merge_ops.engine import merge_model
 from merge_ops.errors import OutputExistsError, OutputIsInputError
-from merge_ops.output_folder import lock_file, move_into_place
+from merge_ops.output_folder import lock_file, move_into_place, output_lock
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
 from mergeflow.cli import app, console_errors
@@ -161,3 +162,37 @@ def test_stale_staging_of_a_killed_merge_is_removed(models: dict[str, Path], tmp
     assert merge_cli(recipe, out)[0] == 0
     assert not stale.exists() and f"removing {stale}, left by a merge into {out} that did not finish" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "out", "recipes"]
+
+
+def test_extract_lora_force_never_replaces_its_models(models: dict[str, Path], tmp_path: Path) -> None:
+    before = tree_hashes(tmp_path)
+    for out in (models["ft_a"], models["base"], tmp_path / "models"):
+        result = runner.invoke(app, ["extract-lora", str(models["ft_a"]), str(models["base"]), str(out), "--rank", "2", "--force"])
+        assert result.exit_code == 1
+        assert f"{out} cannot be replaced: it is or contains the input" in " ".join(result.output.split())
+    assert tree_hashes(tmp_path) == before
+
+
+def test_pipeline_staging_refuses_to_replace_a_source(models: dict[str, Path], tmp_path: Path) -> None:
+    plan = plan_merge(load_recipe(write_recipe(tmp_path / "recipes", models)), shard_size=20_000)
+    before = tree_hashes(tmp_path)
+    with pytest.raises(OutputIsInputError, match="cannot be replaced"):
+        mergeflow.staging.prepare_staging(plan, models["base"], force=True)
+    with pytest.raises(OutputIsInputError, match="cannot be replaced"):
+        mergeflow.staging.prepare_staging(plan, tmp_path / "recipes", force=True, inputs=[tmp_path / "recipes" / "recipe.yaml"])
+    assert tree_hashes(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models", "recipes"]
+
+
+@pytest.mark.slow
+def test_run_fails_on_the_lock_and_never_replaces_a_source(prefect_api: str, models: dict[str, Path], tmp_path: Path) -> None:
+    recipe, out = write_recipe(tmp_path / "recipes", models), tmp_path / "out"
+    with output_lock(out):
+        locked = runner.invoke(app, ["run", str(recipe), str(out), "--shard-size", "20KB"])
+    assert locked.exit_code == 1
+    assert f"{out} is being written by another merge (lock {lock_file(out)} is held)" in " ".join(locked.output.split())
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    before = tree_hashes(tmp_path)
+    forced = runner.invoke(app, ["run", str(recipe), str(models["ft_b"]), "--shard-size", "20KB", "--force"])
+    assert forced.exit_code == 1
+    assert f"{models['ft_b']} cannot be replaced: it is or contains the input" in " ".join(forced.output.split())
+    assert tree_hashes(tmp_path) == before
