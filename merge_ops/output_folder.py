@@ -61,6 +61,16 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         handle.close()
 
 
+def check_unlocked(out_dir: Path) -> None:
+    """Fail now if another merge is writing ``out_dir`` (for failing fast; the merge itself takes the lock).
+
+    Raises:
+        OutputLockedError: another merge holds the lock.
+    """
+    with output_lock(out_dir):
+        pass
+
+
 def recipe_inputs(recipe: Recipe) -> list[Path]:
     """The local folders and files a recipe reads: its file and folder, and each model or adapter folder found locally."""
     refs = [r for ref in recipe.referenced_models for r in (ref, ref.adapter_ref) if r is not None]

@@ -12,11 +12,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
 import merge_ops.engine
 import mergeflow.staging
+from flows.merge_pipeline import merge_pipeline  # Prefect sets up its log handlers on import: with the real stderr, not CliRunner's
 from merge_ops.engine import merge_model
-from merge_ops.errors import OutputExistsError, OutputIsInputError
+from merge_ops.errors import OutputExistsError, OutputIsInputError, OutputLockedError
 from merge_ops.output_folder import lock_file, move_into_place, output_lock
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
@@ -183,8 +183,7 @@ def test_pipeline_staging_refuses_to_replace_a_source(models: dict[str, Path], t
     assert tree_hashes(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models", "recipes"]
 
 
-@pytest.mark.slow
-def test_run_fails_on_the_lock_and_never_replaces_a_source(prefect_api: str, models: dict[str, Path], tmp_path: Path) -> None:
+def test_run_fails_at_once_on_the_lock_and_never_replaces_a_source(models: dict[str, Path], tmp_path: Path) -> None:
     recipe, out = write_recipe(tmp_path / "recipes", models), tmp_path / "out"
     with output_lock(out):
         locked = runner.invoke(app, ["run", str(recipe), str(out), "--shard-size", "20KB"])
@@ -192,7 +191,20 @@ def test_run_fails_on_the_lock_and_never_replaces_a_source(prefect_api: str, mod
     assert f"{out} is being written by another merge (lock {lock_file(out)} is held)" in " ".join(locked.output.split())
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
     before = tree_hashes(tmp_path)
-    forced = runner.invoke(app, ["run", str(recipe), str(models["ft_b"]), "--shard-size", "20KB", "--force"])
-    assert forced.exit_code == 1
-    assert f"{models['ft_b']} cannot be replaced: it is or contains the input" in " ".join(forced.output.split())
+    for target in (models["ft_b"], tmp_path / "recipes"):
+        forced = runner.invoke(app, ["run", str(recipe), str(target), "--shard-size", "20KB", "--force"])
+        assert forced.exit_code == 1
+        assert f"{target} cannot be replaced: it is or contains the input" in " ".join(forced.output.split())
+    assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_pipeline_holds_the_lock_and_never_replaces_a_source(prefect_api: str, models: dict[str, Path], tmp_path: Path) -> None:
+    recipe, out = write_recipe(tmp_path / "recipes", models), tmp_path / "out"
+    with output_lock(out), pytest.raises(OutputLockedError, match="is being written by another merge"):
+        merge_pipeline(recipe=recipe, out=out, shard_size=20_000)
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+    before = tree_hashes(tmp_path)
+    with pytest.raises(OutputIsInputError, match="cannot be replaced"):
+        merge_pipeline(recipe=recipe, out=models["ft_b"], shard_size=20_000, force=True)
     assert tree_hashes(tmp_path) == before

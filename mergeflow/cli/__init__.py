@@ -17,7 +17,7 @@ from merge_ops.adapter_merge import AdapterMergePlan, ModuleJob, merge_adapters,
 from merge_ops.engine import Piece, check_device, merge_model, peak_memory_estimate
 from merge_ops.errors import OutputExistsError
 from merge_ops.methods.registry import METHODS
-from merge_ops.output_folder import recipe_inputs
+from merge_ops.output_folder import check_replaceable, check_unlocked, recipe_inputs
 from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe import Recipe
 from merge_ops.recipe_file import load_recipe
@@ -264,6 +264,8 @@ def run(
 
     if out.exists() and not force:
         raise OutputExistsError(str(out))
+    check_replaceable(out, recipe_inputs(load_recipe(recipe)))  # before the flow resolves and downloads; it checks again holding the lock
+    check_unlocked(out)
     runner = make_task_runner(workers=workers, dask_address=dask_address, dask_workers=dask_workers)
     if dask_workers and not dask_address:
         share_api_with_worker_processes()
