@@ -51,8 +51,11 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.close()
             raise OutputLockedError(str(Path(out_dir).absolute()), str(path)) from None
-        if path.exists() and os.path.samestat(os.fstat(handle.fileno()), path.stat()):
-            break
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), path.stat()):
+                break
+        except FileNotFoundError:
+            pass
         handle.close()  # the holder removed the file between our open and lock: lock the new one
     try:
         yield
