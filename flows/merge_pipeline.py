@@ -16,8 +16,10 @@ from prefect.runtime import flow_run
 from flows.runners import default_task_runner
 from merge_ops.compatibility import CompatibilityReport
 from merge_ops.headers import ModelHeaders
+from merge_ops.output_folder import output_lock, recipe_inputs
 from merge_ops.plan import DEFAULT_SHARD_SIZE
 from merge_ops.recipe import Recipe
+from mergeflow import settings
 from mergeflow.run_summary import RunSummary
 from mergeflow.sources import Source
 from tasks.checks import check_compatibility, check_weight_space
@@ -75,7 +77,7 @@ def merge_pipeline(
         out: output folder, written in a staging folder next to it and renamed when complete.
         shard_size: maximum bytes per output shard; shards are merged in parallel.
         compute_dtype: float32, bfloat16 or float16 arithmetic.
-        force: replace ``out`` if it exists.
+        force: replace ``out`` if it exists, unless it is or contains an input (a model, adapter, the recipe, the cache).
         device: cpu, cuda or cuda:N.
         endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
@@ -86,11 +88,13 @@ def merge_pipeline(
     if parsed.output == "adapter":  # adapters of one base combined into one adapter: their factors only
         return merge_adapter(parsed, sources, report, out, device, force)
 
-    # Plan into a staging folder; merge the shards in parallel (shards already there are skipped)
-    staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force)
-    shard_task = merge_shard.with_options(result_storage=staging.results_dir)
-    results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
+    # Holding OUT's lock: plan into a staging folder; merge the shards in parallel (shards already there are skipped)
+    inputs = recipe_inputs(parsed) + [s.path for s in sources if s.path is not None] + [d for d in (cache_dir or settings.HF_CACHE_DIR,) if d]
+    with output_lock(out):
+        staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force, inputs)
+        shard_task = merge_shard.with_options(result_storage=staging.results_dir)
+        results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
 
-    # Finalize (index, config, tokenizer, card), move into place, report
-    final = finalize_model(staging, results, force)
+        # Finalize (index, config, tokenizer, card), move into place, report
+        final = finalize_model(staging, results, force)
     return summarize_run(parsed, sources, report, staging, results, final)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,12 +322,14 @@ def _model_card(plan: AdapterMergePlan) -> str:
             f"## Adapters merged\n\n{listed}\n{recipe}")
 
 
-def merge_adapters(plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False) -> str:
+def merge_adapters(plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, inputs: Iterable[Path] = ()) -> str:
     """Write the merged adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``),
     module by module, and move it to ``out_dir`` when complete; returns the safetensors file's sha256.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``force`` is not set.
+        OutputIsInputError: ``force`` is set and ``out_dir`` is or contains an adapter or one of ``inputs``.
+        OutputLockedError: another merge is writing ``out_dir``.
 
     Example:
         digest = merge_adapters(plan_adapter_merge(recipe), Path("out/merged-adapter"))
@@ -336,7 +338,8 @@ def merge_adapters(plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu"
     specs: list[tuple[str, str, tuple[int, ...]]] = [
         (n, plan.dtype, s) for m in plan.modules for n, s in ((m.a, (m.rank, m.in_features)), (m.b, (m.out_features, m.rank)))
     ]
-    with staged_output(out_dir, force=force) as staging, ExitStack() as files:
+    sources = [a.folder for a in plan.adapters] + list(inputs)
+    with staged_output(out_dir, force=force, inputs=sources) as staging, ExitStack() as files:
         handles = [files.enter_context(safe_open(a.folder / ADAPTER_WEIGHTS, framework="pt")) for a in plan.adapters]
         with StreamingSafetensorsWriter(staging / ADAPTER_WEIGHTS, specs) as writer:
             for module in plan.modules:

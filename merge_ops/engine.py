@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -208,13 +208,15 @@ def finalize(plan: MergePlan, out_dir: Path) -> None:
 
 
 def merge_model(
-    plan: MergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, progress: Progress | None = None
+    plan: MergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, progress: Progress | None = None, inputs: Iterable[Path] = (),
 ) -> dict[str, str]:
     """Merge every shard into a staging folder and move it to ``out_dir`` when complete.
 
-    Returns shard file -> sha256. ``out_dir`` never holds a partial model.
+    Returns shard file -> sha256. ``out_dir`` never holds a partial model; ``force`` never replaces a folder that is or
+    contains the plan's models or one of ``inputs`` (the recipe, adapters). Errors as ``staged_output``.
     """
-    with staged_output(out_dir, force=force) as staging:
+    sources = [Path(p) for p in plan.sources.values()] + list(inputs)
+    with staged_output(out_dir, force=force, inputs=sources) as staging:
         hashes = {s.file: merge_shard(plan, i, staging, device=device, progress=progress) for i, s in enumerate(plan.shards)}
         finalize(plan, staging)
     return hashes

@@ -44,6 +44,22 @@ class OutputExistsError(MergeflowError, FileExistsError):
         super().__init__(f"{path} already exists: choose another output path or pass --force to replace it")
 
 
+class OutputIsInputError(MergeflowError, ValueError):
+    """``--force`` would replace a folder that is, or holds, one of the merge's inputs."""
+
+    def __init__(self, path: str, source: str) -> None:
+        self.path, self.source = path, source
+        super().__init__(f"{path} cannot be replaced: it is or contains the input {source}; choose an output path outside the inputs")
+
+
+class OutputLockedError(MergeflowError, BlockingIOError):
+    """Another merge is writing the same output folder."""
+
+    def __init__(self, path: str, lock: str) -> None:
+        self.path, self.lock = path, lock
+        super().__init__(f"{path} is being written by another merge (lock {lock} is held): wait for it to finish or choose another output path")
+
+
 class ExtractionError(MergeflowError, ValueError):
     """A LoRA extraction cannot run as asked: an option out of range, or nothing to extract."""
 

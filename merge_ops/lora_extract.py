@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from merge_ops.errors import ExtractionError, IncompatibleModelsError, OutputExi
 from merge_ops.headers import ModelHeaders, read_local_headers
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from merge_ops.low_rank import low_rank_factors
+from merge_ops.output_folder import staged_output
 from merge_ops.safetensors_io import StreamingSafetensorsWriter, load_tensor
 
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt"})
@@ -213,13 +213,15 @@ def extract_lora(
         modules_to_save: store modules with other changed tensors (norms, biases, ...) whole.
         dtype: dtype of the factors (default: the model tensor's).
         device: where the SVDs run (cpu, cuda, cuda:N).
-        force: replace ``out`` if it exists.
+        force: replace ``out`` if it exists (never when it is or contains ``model`` or ``base``).
         progress: called with (tensors done, tensors in all).
 
     Raises:
         ExtractionError: options out of range or combined wrongly; no module differs.
         IncompatibleModelsError: the models differ in architecture, tensor names or shapes.
         OutputExistsError: ``out`` exists and ``force`` is not set.
+        OutputIsInputError: ``force`` is set and ``out`` is or contains ``model`` or ``base``.
+        OutputLockedError: another run is writing ``out``.
         ModelNotFoundError: a folder is not a safetensors model.
 
     Example:
@@ -238,10 +240,8 @@ def extract_lora(
     kinds = _kinds(fine, embeddings)
     extracted = {_module(name) for name in kinds}
     parents = {name.rsplit(".", depth)[0] for name in fine.tensors for depth in range(2, name.count(".") + 1)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    (staging / "factors").mkdir(parents=True)
-    try:
+    with staged_output(out, force=force, inputs=[model, base]) as staging:
+        (staging / "factors").mkdir()
         modules: list[ModuleFactors] = []
         saved: dict[str, float] = {}
         not_captured: list[NotCaptured] = []
@@ -271,11 +271,6 @@ def extract_lora(
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         adapter_bytes = (staging / ADAPTER_WEIGHTS).stat().st_size
         shutil.rmtree(staging / "factors")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return ExtractionReport(out=out, base=str(base), modules=modules, saved=saved, not_captured=not_captured, unchanged=unchanged,
                             adapter_bytes=adapter_bytes, sha256=sha256)
 

@@ -1,36 +1,165 @@
-"""Output folders that appear only when complete: written in a staging folder beside them, renamed at the end."""
+"""Output folders that appear only when complete, and never at the cost of an input or another run's output.
+
+A merge into OUT holds an exclusive lock (``flock``) on ``.OUT.lock`` beside it for its whole run, writes into a staging folder
+``.OUT.staging-*`` beside it and renames that to OUT at the end, checking under the lock that nothing appeared at OUT
+meanwhile. Staging folders found under the lock belong to no running merge (killed ones): they are removed, unless the
+caller reuses one. ``--force`` replaces OUT only when OUT (symlinks resolved) neither is nor contains an input.
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
+import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from merge_ops.errors import OutputExistsError
+from merge_ops.errors import OutputExistsError, OutputIsInputError, OutputLockedError
+from merge_ops.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def lock_file(out_dir: Path) -> Path:
+    """The lock file of ``out_dir``: ``.OUT.lock`` beside it."""
+    out_dir = Path(out_dir).absolute()
+    return out_dir.parent / f".{out_dir.name}.lock"
 
 
 @contextmanager
-def staged_output(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
-    """A fresh staging folder that replaces ``out_dir`` when the block completes; removed if it raises.
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``out_dir`` for the block (released when it ends, or when the process dies).
+
+    The lock file is removed when the block ends; one left by a killed process is simply locked again.
+
+    Raises:
+        OutputLockedError: another merge holds it.
+
+    Example:
+        with output_lock(Path("out/merged")):
+            ...
+    """
+    path = lock_file(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        handle = path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise OutputLockedError(str(Path(out_dir).absolute()), str(path)) from None
+        try:
+            if os.path.samestat(os.fstat(handle.fileno()), path.stat()):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()  # the holder removed the file between our open and lock: lock the new one
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still locked, so whoever waits on this file finds it gone and retries
+        handle.close()
+
+
+def check_unlocked(out_dir: Path) -> None:
+    """Fail now if another merge is writing ``out_dir`` (for failing fast; the merge itself takes the lock).
+
+    Raises:
+        OutputLockedError: another merge holds the lock.
+    """
+    with output_lock(out_dir):
+        pass
+
+
+def recipe_inputs(recipe: Recipe) -> list[Path]:
+    """The local folders and files a recipe reads: its file and folder, and each model or adapter folder found locally."""
+    refs = [r for ref in recipe.referenced_models for r in (ref, ref.adapter_ref) if r is not None]
+    found = [c for ref in refs for c in (Path(ref.path), recipe.base_dir / ref.path) if c.exists()]
+    return found + ([recipe.path, recipe.base_dir] if recipe.path is not None else [])
+
+
+def check_replaceable(out_dir: Path, inputs: Iterable[Path]) -> None:
+    """Refuse to replace ``out_dir`` when it is, or contains, one of ``inputs`` (symlinks resolved on both sides).
+
+    Raises:
+        OutputIsInputError: ``out_dir`` is or contains an input.
+    """
+    target = Path(out_dir).resolve()
+    for source in inputs:
+        resolved = Path(source).resolve()
+        if resolved == target or target in resolved.parents:
+            raise OutputIsInputError(str(out_dir), str(source))
+
+
+def remove_stale_staging(out_dir: Path, *, keep: Path | None = None) -> list[Path]:
+    """Remove the staging folders of ``out_dir`` left by killed runs (call it holding the lock), except ``keep``; returns them."""
+    out_dir = Path(out_dir).absolute()
+    stale = sorted(p for p in out_dir.parent.glob(f".{out_dir.name}.staging-*") if p != keep)
+    for folder in stale:
+        log.warning("removing %s, left by a merge into %s that did not finish", folder, out_dir)
+        shutil.rmtree(folder)
+    return stale
+
+
+def move_into_place(staging: Path, out_dir: Path, *, force: bool = False, inputs: Iterable[Path] = ()) -> None:
+    """Rename the complete ``staging`` folder to ``out_dir`` (call it holding the lock).
+
+    What appeared at ``out_dir`` meanwhile is kept unless ``force``; with ``force`` it is moved aside, replaced and deleted
+    (a symlink itself, never what it points to), unless it is or contains one of ``inputs``.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and ``force`` is not set.
+        OutputIsInputError: ``force`` is set and ``out_dir`` is or contains an input.
+    """
+    out_dir = Path(out_dir).absolute()
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        try:
+            os.rename(staging, out_dir)  # fails on a non-empty folder or a file that appeared since the check
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise OutputExistsError(str(out_dir)) from None
+            raise
+        return
+    if not force:
+        raise OutputExistsError(str(out_dir))
+    check_replaceable(out_dir, inputs)
+    old = out_dir.parent / f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}"
+    os.rename(out_dir, old)
+    os.rename(staging, out_dir)
+    if old.is_symlink() or not old.is_dir():
+        old.unlink()
+    else:
+        shutil.rmtree(old)
+
+
+@contextmanager
+def staged_output(out_dir: Path, *, force: bool = False, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """A fresh staging folder that becomes ``out_dir`` when the block completes; removed if it raises.
+
+    Holds the lock of ``out_dir`` throughout and removes staging folders of killed runs first.
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists (or appears meanwhile) and ``force`` is not set.
+        OutputIsInputError: ``force`` is set and ``out_dir`` is or contains one of ``inputs``.
+        OutputLockedError: another merge is writing ``out_dir``.
 
     Example:
         with staged_output(Path("out/merged")) as staging:
             (staging / "config.json").write_text("{}")
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
+    if Path(out_dir).exists() and not force:
         raise OutputExistsError(str(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
-        yield staging
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    out_dir, inputs = Path(out_dir).absolute(), list(inputs)
+    check_replaceable(out_dir, inputs)
+    with output_lock(out_dir):
+        remove_stale_staging(out_dir)
+        staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            yield staging
+            move_into_place(staging, out_dir, force=force, inputs=inputs)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 from merge_ops.adapter_merge import merge_adapters, plan_adapter_merge
 from merge_ops.compatibility import CompatibilityReport
 from merge_ops.lora import ADAPTER_WEIGHTS
+from merge_ops.output_folder import recipe_inputs
 from merge_ops.recipe import Recipe
 from mergeflow.run_summary import RunSummary
 from mergeflow.sources import Source
@@ -22,11 +23,13 @@ def merge_adapter_output(
 
     Raises:
         OutputExistsError: ``out`` exists and ``force`` is not set.
+        OutputIsInputError, OutputLockedError: from ``merge_adapters``.
         RecipeError, ModelNotFoundError, IncompatibleModelsError: from ``plan_adapter_merge``.
     """
     plan = plan_adapter_merge(recipe, {s.key: s.adapter.path for s in sources if s.adapter and s.adapter.path})
     started = time.time()
-    digest = merge_adapters(plan, out, device=device, force=force)
+    inputs = recipe_inputs(recipe) + [s.path for s in sources if s.path is not None]
+    digest = merge_adapters(plan, out, device=device, force=force, inputs=inputs)
     seconds = time.time() - started
     written = ShardResult(index=0, file=ADAPTER_WEIGHTS, sha256=digest, nbytes=(Path(out) / ADAPTER_WEIGHTS).stat().st_size, started=started, seconds=seconds)
     return RunSummary(

@@ -6,7 +6,9 @@ it: shards already there (each written atomically by ``merge_ops.engine.merge_sh
 Prefect's cache does the skipping: a shard task's key is (plan hash, shard index), its result (file, sha256)
 is persisted in ``<staging>/.results``; before the shards run, a shard file without its record (or a record
 without its file) is dropped, so the shards skipped are exactly those with both.
-The finished model appears at OUT by rename, never partially.
+The caller holds OUT's lock (``merge_ops.output_folder.output_lock``) from planning to publishing, so staging folders of
+other plans are left by killed runs and are removed. The finished model appears at OUT by rename, never partially, and
+``force`` never replaces a folder that is or contains an input.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -24,6 +26,7 @@ from merge_ops.engine import finalize
 from merge_ops.engine import merge_shard as merge_plan_shard
 from merge_ops.errors import OutputExistsError
 from merge_ops.headers import ModelHeaders
+from merge_ops.output_folder import check_replaceable, move_into_place, remove_stale_staging
 from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe import Recipe
 
@@ -43,8 +46,10 @@ class Staging(BaseModel):
     tensor_count: int
     done_before: list[int]
     """Shards already in the folder when this run started (a resumed run)."""
-    other_staging: list[Path] = []
-    """Staging folders of ``out`` for other plans (runs stopped before the recipe or its sources changed)."""
+    removed_staging: list[Path] = []
+    """Staging folders of ``out`` for other plans, left by killed runs and removed by this one."""
+    inputs: list[Path] = []
+    """What ``force`` must not replace: the models, adapters, recipe and caches the merge reads."""
 
     @property
     def plan_path(self) -> Path:
@@ -74,18 +79,24 @@ def shard_cache_key(plan_sha256: str, index: int) -> str:
     return f"merge_shard-{plan_sha256[:16]}-{index:05d}"
 
 
-def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False) -> Staging:
-    """Create (or reuse) the staging folder, write the plan into it and drop stale shard records.
+def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False, inputs: Iterable[Path] = ()) -> Staging:
+    """Create (or reuse) the staging folder, write the plan into it, drop stale shard records and other plans' staging folders.
+
+    Call it holding ``out``'s lock (``merge_ops.output_folder.output_lock``).
 
     Raises:
         OutputExistsError: ``out`` exists and ``force`` is False.
+        OutputIsInputError: ``force`` is set and ``out`` is or contains a model of the plan or one of ``inputs``.
     """
     out = Path(out).absolute()
     if out.exists() and not force:
         raise OutputExistsError(str(out))
+    sources = [Path(p) for p in plan.sources.values()] + list(inputs)
+    check_replaceable(out, sources)
     text = plan.model_dump_json()
     digest = hashlib.sha256(text.encode()).hexdigest()
     folder = staging_dir_for(out, digest)
+    removed = remove_stale_staging(out, keep=folder)
     (folder / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
     if not (folder / PLAN_FILE).is_file():
         tmp = folder / f"{PLAN_FILE}.partial"
@@ -104,17 +115,17 @@ def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False) -> Stagi
     return Staging(
         dir=folder, out=out, plan_sha256=digest, shard_files=[s.file for s in plan.shards], total_size=plan.total_size,
         input_bytes=plan.input_bytes, tensor_count=plan.tensor_count, done_before=done,
-        other_staging=sorted(p for p in out.parent.glob(f".{out.name}.staging-*") if p != folder),
+        removed_staging=removed, inputs=sources,
     )
 
 
 def plan_into_staging(
     recipe: Recipe, models: Mapping[str, ModelHeaders], out: Path, *, shard_size: int, compute_dtype: str, checked: CompatibilityReport,
-    force: bool = False,
+    force: bool = False, inputs: Iterable[Path] = (),
 ) -> Staging:
     """Plan the merge of ``recipe`` over the models' headers (weights local, compatibility ``checked``) and prepare its staging folder."""
     plan = plan_merge(recipe, models, shard_size=shard_size, compute_dtype=compute_dtype, checked=checked)
-    return prepare_staging(plan, out, force=force)
+    return prepare_staging(plan, out, force=force, inputs=inputs)
 
 
 def merge_shard_file(plan_path: Path, index: int, staging_dir: Path, *, device: str = "cpu") -> ShardResult:
@@ -132,7 +143,10 @@ def publish_staging(staging: Staging, results: list[ShardResult], *, force: bool
     Raises:
         FileNotFoundError: a shard is missing from the staging folder.
         OutputExistsError: ``out`` appeared meanwhile and ``force`` is False.
+        OutputIsInputError: ``force`` is set and ``out`` is or contains an input.
     """
+    if staging.out.exists() and not force:  # before finalizing, so the staging folder stays resumable
+        raise OutputExistsError(str(staging.out))
     plan = MergePlan.model_validate_json(staging.plan_path.read_text())
     missing = [r.file for r in results if not (staging.dir / r.file).is_file()]
     if missing or len(results) != len(plan.shards):
@@ -140,14 +154,5 @@ def publish_staging(staging: Staging, results: list[ShardResult], *, force: bool
     finalize(plan, staging.dir)
     shutil.rmtree(staging.results_dir)
     staging.plan_path.unlink()
-    out = staging.out
-    if out.exists():
-        if not force:
-            raise OutputExistsError(str(out))
-        old = out.with_name(f".{out.name}.replaced-{staging.plan_sha256[:12]}")
-        out.rename(old)
-        staging.dir.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.dir.rename(out)
-    return out
+    move_into_place(staging.dir, staging.out, force=force, inputs=staging.inputs)
+    return staging.out

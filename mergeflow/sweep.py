@@ -94,7 +94,7 @@ def merge_candidate(
 ) -> dict[str, str]:
     """Merge the candidate's recipe over the downloaded, ``checked`` models into its folder; returns shard file -> sha256."""
     plan = plan_merge(load_recipe(candidate.recipe), models, checked=checked)
-    return merge_model(plan, candidate.out, device=device, force=force)
+    return merge_model(plan, candidate.out, device=device, force=force, inputs=[candidate.recipe])
 
 
 def rank_candidates(candidates: list[SweepCandidate], shards: list[dict[str, str]], evaluations: list[EvalResult]) -> list[CandidateResult]:

@@ -24,17 +24,17 @@ from tasks.retries import LOCAL
 @task(name="plan_merge", **LOCAL)
 def plan_shards(
     recipe: Recipe, headers: list[ModelHeaders], sources: list[Source], report: CompatibilityReport, out: Path, shard_size: int,
-    compute_dtype: str, force: bool = False,
+    compute_dtype: str, force: bool = False, inputs: list[Path] | None = None,
 ) -> Staging:
     """Plan the merge from the checked headers (weights downloaded) and prepare the staging folder; says which shards a resumed run can skip."""
     staging = plan_into_staging(recipe, local_headers(headers, sources), out, shard_size=shard_size, compute_dtype=compute_dtype,
-                                checked=report, force=force)
+                                checked=report, force=force, inputs=inputs or [])
     get_run_logger().info(
         "plan %s: %d shard(s), %d tensors, %.2f GB to write, staging in %s%s", staging.plan_sha256[:12], len(staging.shard_files),
         staging.tensor_count, staging.total_size / 1e9, staging.dir, f"; resuming, {len(staging.done_before)} shard(s) already done" if staging.done_before else "",
     )
-    for folder in staging.other_staging:
-        get_run_logger().warning("%s is left from a run of another plan; delete it to free its space", folder)
+    for folder in staging.removed_staging:
+        get_run_logger().warning("removed %s, left by a killed run of another plan", folder)
     return staging
 
 

@@ -202,7 +202,7 @@ def test_staging_folder_is_deterministic_and_trusts_only_complete_shards(family:
     assert again.dir == first.dir and again.done_before == [0]
     assert sorted(p.name for p in first.dir.glob("model-*")) == [first.shard_files[0]]
     assert sorted(p.name for p in records.iterdir()) == [mergeflow.staging.shard_cache_key(first.plan_sha256, 0)]
-    assert again.other_staging == [tmp_path / ".merged.staging-0123456789ab"]
+    assert again.removed_staging == [tmp_path / ".merged.staging-0123456789ab"] and not again.removed_staging[0].exists()
     out.mkdir()
     with pytest.raises(OutputExistsError):
         mergeflow.staging.prepare_staging(plan, out)

@@ -17,6 +17,7 @@ from merge_ops.adapter_merge import AdapterMergePlan, ModuleJob, merge_adapters,
 from merge_ops.engine import Piece, check_device, merge_model, peak_memory_estimate
 from merge_ops.errors import OutputExistsError
 from merge_ops.methods.registry import METHODS
+from merge_ops.output_folder import check_replaceable, check_unlocked, recipe_inputs
 from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe import Recipe
 from merge_ops.recipe_file import load_recipe
@@ -113,7 +114,7 @@ def merge(
     started = time.perf_counter()
     if loaded.output == "adapter":
         adapter_plan = plan_adapter_merge(loaded)
-        digest = merge_adapters(adapter_plan, out, device=device, force=force)
+        digest = merge_adapters(adapter_plan, out, device=device, force=force, inputs=recipe_inputs(loaded))
         Console().print(f"merged {len(adapter_plan.adapters)} adapter(s) ({adapter_plan.combination}) into {out}: {len(adapter_plan.modules)} modules, "
                         f"r {adapter_plan.config['r']}, {human(adapter_plan.total_size)} written in {time.perf_counter() - started:.1f} s\n"
                         f"adapter_model.safetensors sha256 {digest}")
@@ -128,7 +129,7 @@ def merge(
             done[0] += piece.completes_tensor
             bar.update(task, advance=piece.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")
 
-        hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance)
+        hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded))
     elapsed = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = Table(title=f"merged into {out}")
@@ -263,6 +264,8 @@ def run(
 
     if out.exists() and not force:
         raise OutputExistsError(str(out))
+    check_replaceable(out, recipe_inputs(load_recipe(recipe)))  # before the flow resolves and downloads; it checks again holding the lock
+    check_unlocked(out)
     runner = make_task_runner(workers=workers, dask_address=dask_address, dask_workers=dask_workers)
     if dask_workers and not dask_address:
         share_api_with_worker_processes()
