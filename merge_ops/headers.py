@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from merge_ops.architecture import layer_count, split_layer_name
 from merge_ops.errors import CorruptModelError, ModelNotFoundError
 from merge_ops.lora import ADAPTER_WEIGHTS, AdapterHeaders, LoraTerm, adapter_patch, read_adapter_headers
-from merge_ops.model_files import TensorEntries, folder_file, read_json_object, read_safetensors_header, weight_files, weight_map
+from merge_ops.model_files import TensorEntries, check_model_files, folder_file, read_json_object, read_safetensors_header, weight_files, weight_map
 from merge_ops.safetensors_io import INDEX_FILE, tensor_nbytes
 
 
@@ -153,6 +153,7 @@ def read_local_headers(key: str, folder: Path, adapter: Path | None = None) -> M
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(key, f"{folder} has no config.json; point the recipe at a Hugging Face model folder")
+    check_model_files(folder)
     files = [(path.relative_to(folder).as_posix(), read_safetensors_header(path)) for path in weight_files(folder)]
     if not files:
         raise ModelNotFoundError(key, f"{folder} has no .safetensors weights (convert .bin checkpoints to safetensors first)")

@@ -18,6 +18,20 @@ MAX_HEADER_BYTES = 100_000_000
 """The largest safetensors header read (the safetensors library's own limit): checked before it is allocated."""
 RESAVE = "re-download the model or save it again (safetensors.torch.save_file writes valid files)"
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+)
+"""The tokenizer files a merged model copies from its tokenizer source."""
+MODEL_FILES = ("config.json", "generation_config.json", "README.md", INDEX_FILE, *TOKENIZER_FILES)
+"""The files of a model folder read by name (besides its weights)."""
+
 TensorEntries = dict[str, tuple[str, tuple[int, ...]]]
 """Tensor name -> (safetensors dtype, shape)."""
 
@@ -26,7 +40,7 @@ def folder_file(folder: Path, name: str, *, named_by: str | None = None) -> Path
     """``folder / name``, refused unless its real path is inside ``folder`` (resolved).
 
     Args:
-        folder: the model folder, resolved.
+        folder: the model folder.
         name: a path relative to it, as a file of the folder (``named_by``) or a convention names it.
         named_by: the file that names ``name`` (the index), for the message.
 
@@ -38,6 +52,7 @@ def folder_file(folder: Path, name: str, *, named_by: str | None = None) -> Path
         Traceback (most recent call last):
         merge_ops.errors.CorruptModelError: /models/m/model.safetensors.index.json: names '../other/model.safetensors', ...
     """
+    folder = folder.resolve()
     path = folder / name
     target = path.resolve()
     roots = [folder, folder.parent.parent / "blobs"] if folder.parent.name == "snapshots" else [folder]
@@ -47,6 +62,16 @@ def folder_file(folder: Path, name: str, *, named_by: str | None = None) -> Path
         raise CorruptModelError(str(folder / named_by), f"names {name!r}, which is outside the model folder {folder}",
                                 "every file a model names must be inside its folder: fix the entry or copy the file in")
     raise CorruptModelError(str(path), f"is a link to {target}, outside the model folder {folder}", "replace the link by a copy of the file")
+
+
+def check_model_files(folder: Path) -> None:
+    """Each of ``MODEL_FILES`` that ``folder`` holds is inside it (no link out).
+
+    Raises:
+        CorruptModelError: the first link to a file outside the folder.
+    """
+    for name in MODEL_FILES:
+        folder_file(folder, name)
 
 
 def read_json_object(path: Path, fix: str) -> dict[str, Any]:
