@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
-from tiny_family import base_state, fine_tune, write_model
+from tiny_family import base_state, fine_tune, make_adapter, write_model
 from typer.testing import CliRunner
 
 import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
@@ -170,6 +170,44 @@ def test_merge_refuses(case: Case, family: dict[str, Path], sharded: Path, tmp_p
 def test_check_refuses(case: Case, prefect_api: str, family: dict[str, Path], sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder, fragments = broken_model(case, family, sharded, tmp_path)
     assert_refused(["check", str(write_recipe(tmp_path, family, folder))], folder, fragments, tmp_path, monkeypatch)
+
+
+ADAPTER_CASES: list[tuple[str, Callable[[Path], None], list[str]]] = [
+    ("adapter-config-not-json", lambda a: (a / "adapter_config.json").write_text("{oops"), ["adapter_config.json: is not valid JSON", "re-download the adapter's"]),
+    ("adapter-weights-truncated", lambda a: (a / "adapter_model.safetensors").write_bytes((a / "adapter_model.safetensors").read_bytes()[:-8]),
+     ["adapter_model.safetensors: header: tensor", "(truncated file or offsets out of range)"]),
+    ("adapter-weights-link-out", lambda a: link(a.parent / "outside.json", a / "adapter_model.safetensors"), ["adapter_model.safetensors: is a link to", "outside the model folder"]),
+]
+
+
+@pytest.fixture(scope="module")
+def adapter(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter(family["base"], tmp_path_factory.mktemp("adapter") / "lora", seed=3)
+
+
+def broken_adapter(case: tuple[str, Callable[[Path], None], list[str]], family: dict[str, Path], adapter: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The recipe merging the base with a copy of ``adapter`` broken the case's way, and that copy."""
+    folder = shutil.copytree(adapter, tmp_path / "adapters" / "broken")
+    shutil.copyfile(family["ft_b"] / "model.safetensors", folder.parent / "outside.json")
+    case[1](folder)
+    recipe = {"merge_method": "linear", "dtype": "float32", "models": [{"model": f"{family['base']}+{folder}", "parameters": {"weight": 1.0}}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return tmp_path / "recipe.yaml", folder
+
+
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
+def test_merge_refuses_adapter(case: tuple[str, Callable[[Path], None], list[str]], family: dict[str, Path], adapter: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe, folder = broken_adapter(case, family, adapter, tmp_path)
+    assert_refused(["merge", str(recipe), str(tmp_path / "out")], folder, case[2], tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ADAPTER_CASES, ids=[c[0] for c in ADAPTER_CASES])
+def test_check_refuses_adapter(case: tuple[str, Callable[[Path], None], list[str]], prefect_api: str, family: dict[str, Path], adapter: Path, tmp_path: Path,
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe, folder = broken_adapter(case, family, adapter, tmp_path)
+    assert_refused(["check", str(recipe)], folder, case[2], tmp_path, monkeypatch)
 
 
 def test_header_over_the_size_limit_is_refused_before_reading_it(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
