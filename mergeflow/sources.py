@@ -10,7 +10,6 @@ functions, so it is never an argument, a log line or a Prefect record.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import BaseModel, Field
 from merge_ops.errors import ModelNotFoundError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterHeaders, check_adapter_config, is_adapter_folder, read_adapter_headers
+from merge_ops.model_files import read_json_object
 from merge_ops.recipe import LOCAL_REVISION, ModelRef, adapter_base
 from mergeflow import settings
 from mergeflow.hub import hub_error
@@ -194,7 +194,7 @@ def _model_headers(source: Source, endpoint: str, cache_dir: Path | None) -> Mod
         raise hub_error(source.repo_id, source.commit_sha, err) from err
     files = [(f, {n: (t.dtype, tuple(t.shape)) for n, t in meta.files_metadata[f].tensors.items()}) for f in dict.fromkeys(meta.weight_map.values())]
     return ModelHeaders(
-        key=source.key, config=json.loads(config_file.read_text()), tensors=ordered_tensors(files),
+        key=source.key, config=read_json_object(config_file, f"fix config.json in {source.repo_id}"), tensors=ordered_tensors(files),
         card_base_model=card_base_model(readme),
     )
 
@@ -208,7 +208,7 @@ def _adapter_headers(adapter: Source, endpoint: str, cache_dir: Path | None) -> 
         config_file = _hub_file(adapter, ADAPTER_CONFIG, endpoint, cache_dir)
         if config_file is None:
             raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
-        config = json.loads(config_file.read_text())
+        config = read_json_object(config_file, f"fix {ADAPTER_CONFIG} in {adapter.repo_id}")
         check_adapter_config(adapter.key, config)
         readme = _hub_file(adapter, "README.md", endpoint, cache_dir)
         meta = HfApi(endpoint=endpoint, token=settings.hf_token()).parse_safetensors_file_metadata(adapter.repo_id, ADAPTER_WEIGHTS, revision=adapter.commit_sha)
@@ -226,6 +226,7 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
 
     Raises:
         ModelNotFoundError: no config.json or no safetensors weights; an adapter without its files or of a type mergeflow does not apply.
+        CorruptModelError: a config that is not a JSON object; for a local folder, what ``read_local_headers`` refuses.
         HubAccessError: the Hub refused the token.
     """
     url, cache = endpoint or settings.HF_ENDPOINT, cache_dir or settings.HF_CACHE_DIR

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import HfApi
+from pipeline_helpers import hub_online, push
 from safetensors.torch import load_file, save_file
 from tiny_family import base_state, fine_tune, make_adapter, write_model
 from typer.testing import CliRunner
@@ -21,8 +23,11 @@ import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on 
 import merge_ops.model_files
 from merge_ops.errors import CorruptModelError
 from merge_ops.headers import read_local_headers
+from merge_ops.recipe import ModelRef
 from mergeflow.cli import app
 from mergeflow.cli.console_errors import console
+from mergeflow.local_hub import LocalHub
+from mergeflow.sources import read_source_headers, resolve_source
 
 runner = CliRunner()
 SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -237,3 +242,14 @@ def test_the_error_is_a_value_error_naming_the_file(family: dict[str, Path], tmp
         read_local_headers("m", folder)
     assert isinstance(caught.value, ValueError) and caught.value.file == str(folder.resolve() / "model.safetensors")
     assert "\n" not in str(caught.value)
+
+
+def test_a_hub_config_that_is_not_json_is_named(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub_online(tmp_path, monkeypatch)
+    folder = shutil.copytree(family["ft_b"], tmp_path / "m")
+    (folder / "config.json").write_text("{oops")
+    with LocalHub(tmp_path / "hub") as hub:
+        push(HfApi(endpoint=hub.endpoint), "org/broken", folder)
+        source = resolve_source(ModelRef.model_validate("org/broken"), base_dir=tmp_path, endpoint=hub.endpoint)
+        with pytest.raises(CorruptModelError, match=r"config.json: is not valid JSON .*; fix config.json in org/broken$"):
+            read_source_headers(source, endpoint=hub.endpoint)
