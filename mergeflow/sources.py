@@ -18,11 +18,12 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
 from pydantic import BaseModel, Field
 
-from merge_ops.errors import ModelNotFoundError
+from merge_ops.errors import CorruptModelError, ModelNotFoundError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterHeaders, check_adapter_config, is_adapter_folder, read_adapter_headers
-from merge_ops.model_files import read_json_object
+from merge_ops.model_files import folder_file, read_json_object, read_safetensors_header
 from merge_ops.recipe import LOCAL_REVISION, ModelRef, adapter_base
+from merge_ops.safetensors_io import INDEX_FILE
 from mergeflow import settings
 from mergeflow.hub import hub_error
 
@@ -236,11 +237,36 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
     return with_adapter(headers, _adapter_headers(source.adapter, url, cache), source.key)
 
 
+def check_download(headers: ModelHeaders) -> None:
+    """The downloaded weight files of a Hub model hold the tensors its Hub headers listed (their headers read again).
+
+    Raises:
+        CorruptModelError: a file outside the download, corrupt, or holding other tensors than the Hub said.
+    """
+    assert headers.path is not None
+    by_file: dict[Path, list[str]] = {}
+    for name, tensor in headers.tensors.items():
+        if tensor.stored_as is None:
+            by_file.setdefault(folder_file(headers.path, tensor.file, named_by=INDEX_FILE), []).append(name)
+    for file, names in by_file.items():
+        entries = read_safetensors_header(file)
+        changed = next((n for n in names if entries.get(n) != (headers.tensors[n].dtype, headers.tensors[n].shape)), None)
+        if changed is not None:
+            raise CorruptModelError(str(file), f"does not hold {changed!r} as the Hub's header listed it", "delete it from the Hub cache and download again")
+
+
 def local_headers(headers: Sequence[ModelHeaders], sources: Sequence[Source]) -> dict[str, ModelHeaders]:
-    """Ref key -> the headers of each model, pointing at its downloaded folder (and its adapter's)."""
+    """Ref key -> the headers of each model, pointing at its downloaded folder (and its adapter's); the weight files of
+    a Hub model are checked against its Hub headers (``check_download``).
+
+    Raises:
+        CorruptModelError: what ``check_download`` refuses.
+    """
     by_key: Mapping[str, Source] = {s.key: s for s in sources}
     located = {}
     for h in headers:
         source = by_key.get(h.key)
         located[h.key] = h.at(source.path, source.adapter.path if source.adapter else None) if source and source.path else h
+        if source and source.path and source.repo_id:
+            check_download(located[h.key])
     return located

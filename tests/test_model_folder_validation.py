@@ -27,7 +27,7 @@ from merge_ops.recipe import ModelRef
 from mergeflow.cli import app
 from mergeflow.cli.console_errors import console
 from mergeflow.local_hub import LocalHub
-from mergeflow.sources import read_source_headers, resolve_source
+from mergeflow.sources import download_source, local_headers, read_source_headers, resolve_source
 
 runner = CliRunner()
 SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -253,3 +253,16 @@ def test_a_hub_config_that_is_not_json_is_named(family: dict[str, Path], tmp_pat
         source = resolve_source(ModelRef.model_validate("org/broken"), base_dir=tmp_path, endpoint=hub.endpoint)
         with pytest.raises(CorruptModelError, match=r"config.json: is not valid JSON .*; fix config.json in org/broken$"):
             read_source_headers(source, endpoint=hub.endpoint)
+
+
+def test_a_download_that_differs_from_its_hub_header_is_refused(family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub_online(tmp_path, monkeypatch)
+    with LocalHub(tmp_path / "hub") as hub:
+        push(HfApi(endpoint=hub.endpoint), "org/m", family["ft_b"])
+        source = resolve_source(ModelRef.model_validate("org/m"), base_dir=tmp_path, endpoint=hub.endpoint)
+        headers = read_source_headers(source, endpoint=hub.endpoint)
+        downloaded = download_source(source, endpoint=hub.endpoint)
+    assert local_headers([headers], [downloaded])["org/m"].path == downloaded.path
+    rewrite_header(downloaded.path / "model.safetensors", lambda h: set_entry(h, dtype="I32"))
+    with pytest.raises(CorruptModelError, match=r"model.safetensors: does not hold '.*' as the Hub's header listed it; delete it from the Hub cache"):
+        local_headers([headers], [downloaded])
