@@ -65,13 +65,16 @@ def folder_file(folder: Path, name: str, *, named_by: str | None = None) -> Path
 
 
 def check_model_files(folder: Path) -> None:
-    """Each of ``MODEL_FILES`` that ``folder`` holds is inside it (no link out).
+    """Each of ``MODEL_FILES`` that ``folder`` holds is inside it (no link out), and a JSON object if it is JSON
+    (the index is checked where it is read, ``weight_map``): a merge copies them as they are.
 
     Raises:
-        CorruptModelError: the first link to a file outside the folder.
+        CorruptModelError: the first link to a file outside the folder, or JSON file that is not a JSON object.
     """
     for name in MODEL_FILES:
-        folder_file(folder, name)
+        path = folder_file(folder, name)
+        if name.endswith(".json") and name != INDEX_FILE and path.is_file():
+            read_json_object(path, f"fix or re-download the model's {name}")
 
 
 def read_json_object(path: Path, fix: str) -> dict[str, Any]:
