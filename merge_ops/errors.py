@@ -66,3 +66,13 @@ class ExtractionError(MergeflowError, ValueError):
 
 class DeviceError(MergeflowError, RuntimeError):
     """The requested compute device is not available."""
+
+
+class CorruptModelError(MergeflowError, ValueError):
+    """A model folder's file is unreadable or unsafe: corrupt safetensors or JSON, a file outside the folder, a
+    tensor stored twice."""
+
+    def __init__(self, file: str, problem: str, fix: str) -> None:
+        self.file = file
+        self.problem = problem
+        super().__init__(f"{file}: {problem}; {fix}")

@@ -9,19 +9,18 @@ headers with the adapter's patch (``with_adapter``): the terms to add, the tenso
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from safetensors import safe_open
 
 from merge_ops.architecture import layer_count, split_layer_name
-from merge_ops.errors import ModelNotFoundError
+from merge_ops.errors import CorruptModelError, ModelNotFoundError
 from merge_ops.lora import ADAPTER_WEIGHTS, AdapterHeaders, LoraTerm, adapter_patch, read_adapter_headers
-from merge_ops.safetensors_io import tensor_nbytes, weight_files
+from merge_ops.model_files import TensorEntries, check_model_files, folder_file, read_json_object, read_safetensors_header, weight_files, weight_map
+from merge_ops.safetensors_io import INDEX_FILE, tensor_nbytes
 
 
 class TensorHeader(BaseModel):
@@ -126,27 +125,42 @@ def with_adapter(headers: ModelHeaders, adapter: AdapterHeaders, key: str) -> Mo
     })
 
 
+def check_single_copies(folder: Path, files: list[tuple[str, TensorEntries]], index: Mapping[str, str] | None) -> None:
+    """Every tensor in one file only, the one the index names (when there is an index).
+
+    Raises:
+        CorruptModelError: a tensor in two files, or in another file than the index says.
+    """
+    held: dict[str, str] = {}
+    for file, entries in files:
+        for name in entries:
+            if name in held:
+                raise CorruptModelError(str(folder), f"tensor {name!r} is stored twice, in {held[name]} and in {file}", "delete one copy (save the model again)")
+            held[name] = file
+            if index is not None and index.get(name, file) != file:
+                raise CorruptModelError(str(folder / INDEX_FILE), f"puts tensor {name!r} in {index[name]}, but {file} holds it", "re-download the model or rewrite its index")
+
+
 def read_local_headers(key: str, folder: Path, adapter: Path | None = None) -> ModelHeaders:
     """config.json, card base_model and tensor headers of a local model folder (no weights read), with the PEFT LoRA
     ``adapter`` folder applied when given (``with_adapter``).
 
     Raises:
         ModelNotFoundError: no config.json or no safetensors weights; not an adapter folder, or one mergeflow does not apply.
+        CorruptModelError: a file outside the folder, corrupt JSON or safetensors headers, a tensor in two files or
+            in another file than the index says.
     """
     folder = Path(folder).resolve()
     if not (folder / "config.json").is_file():
         raise ModelNotFoundError(key, f"{folder} has no config.json; point the recipe at a Hugging Face model folder")
-    files = []
-    for path in weight_files(folder):
-        with safe_open(path, framework="pt") as handle:
-            slices = {name: handle.get_slice(name) for name in handle.keys()}
-            entries = {name: (part.get_dtype(), tuple(part.get_shape())) for name, part in slices.items()}
-        files.append((path.relative_to(folder).as_posix(), entries))
+    check_model_files(folder)
+    files = [(path.relative_to(folder).as_posix(), read_safetensors_header(path)) for path in weight_files(folder)]
     if not files:
         raise ModelNotFoundError(key, f"{folder} has no .safetensors weights (convert .bin checkpoints to safetensors first)")
+    check_single_copies(folder, files, weight_map(folder))
+    config = read_json_object(folder_file(folder, "config.json"), "fix or re-download the model's config.json")
     headers = ModelHeaders(
-        key=key, config=json.loads((folder / "config.json").read_text()), tensors=ordered_tensors(files),
-        card_base_model=card_base_model(folder / "README.md"), path=folder,
+        key=key, config=config, tensors=ordered_tensors(files), card_base_model=card_base_model(folder / "README.md"), path=folder,
     )
     if adapter is None:
         return headers

@@ -11,7 +11,6 @@ rows, which is what ``rank_pattern`` sets) and ``lora_alpha`` from ``alpha_patte
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from safetensors import safe_open
 
 from merge_ops.errors import ModelNotFoundError
+from merge_ops.model_files import folder_file, read_json_object, read_safetensors_header
 from merge_ops.safetensors_io import load_tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -112,10 +111,11 @@ def read_adapter_config(key: str, folder: Path) -> dict[str, Any]:
 
     Raises:
         ModelNotFoundError: not an adapter folder, not LoRA, or an option in ``UNSUPPORTED`` (named).
+        CorruptModelError: the config is not a JSON object, or a link to a file outside the folder.
     """
     if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
         raise ModelNotFoundError(key, f"{folder} is not a PEFT adapter folder ({ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} are needed)")
-    config: dict[str, Any] = json.loads((folder / ADAPTER_CONFIG).read_text())
+    config = read_json_object(folder_file(folder, ADAPTER_CONFIG), f"fix or re-download the adapter's {ADAPTER_CONFIG}")
     check_adapter_config(key, config)
     return config
 
@@ -143,12 +143,11 @@ def read_adapter_headers(key: str, folder: Path, card_base_model: list[str] | No
 
     Raises:
         ModelNotFoundError: not an adapter folder, or an adapter type or option mergeflow does not apply (named).
+        CorruptModelError: a corrupt config or safetensors header, or a link to a file outside the folder.
     """
     folder = Path(folder).resolve()
     config = read_adapter_config(key, folder)
-    with safe_open(folder / ADAPTER_WEIGHTS, framework="pt") as handle:
-        slices = {name: handle.get_slice(name) for name in handle.keys()}
-        tensors = {name: (part.get_dtype(), tuple(part.get_shape())) for name, part in slices.items()}
+    tensors = read_safetensors_header(folder_file(folder, ADAPTER_WEIGHTS))
     return AdapterHeaders(key=key, config=config, tensors=tensors, card_base_model=card_base_model or [], path=folder)
 
 

@@ -9,20 +9,10 @@ from typing import Any
 import yaml
 
 from merge_ops.architecture import decoder_sections, layer_count_key, per_layer_keys
+from merge_ops.model_files import TOKENIZER_FILES, folder_file
 from merge_ops.plan import MergePlan
 from merge_ops.safetensors_io import INDEX_FILE
 from merge_ops.vocabulary import build_tokenizers
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -58,7 +48,7 @@ def write_config(plan: MergePlan, out_dir: Path) -> None:
     if "dtype" in config:
         config["dtype"] = dtype
     _write_json(out_dir / "config.json", config)
-    generation = source / "generation_config.json"
+    generation = folder_file(source, "generation_config.json")
     if generation.exists():
         shutil.copyfile(generation, out_dir / "generation_config.json")
 
@@ -80,7 +70,7 @@ def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
         source = Path(plan.sources[plan.tokenizer_from])
         for name in TOKENIZER_FILES:
             if (source / name).exists():
-                shutil.copyfile(source / name, out_dir / name)
+                shutil.copyfile(folder_file(source, name), out_dir / name)
     if plan.chat_template is not None:  # transformers reads it before a chat_template in tokenizer_config.json
         (out_dir / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
 

@@ -44,15 +44,6 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * torch.empty((), dtype=DTYPES[dtype]).element_size()
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a model folder, from its index when it is sharded."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def load_tensor(file: Path, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """One tensor, or the block of its rows ``[start, end)``: a view of the file's mapping, which lives as long as it."""
     with safe_open(file, framework="pt") as handle:

@@ -10,7 +10,6 @@ functions, so it is never an argument, a log line or a Prefect record.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,10 +18,12 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
 from pydantic import BaseModel, Field
 
-from merge_ops.errors import ModelNotFoundError
+from merge_ops.errors import CorruptModelError, ModelNotFoundError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterHeaders, check_adapter_config, is_adapter_folder, read_adapter_headers
+from merge_ops.model_files import folder_file, read_json_object, read_safetensors_header
 from merge_ops.recipe import LOCAL_REVISION, ModelRef, adapter_base
+from merge_ops.safetensors_io import INDEX_FILE
 from mergeflow import settings
 from mergeflow.hub import hub_error
 
@@ -194,7 +195,7 @@ def _model_headers(source: Source, endpoint: str, cache_dir: Path | None) -> Mod
         raise hub_error(source.repo_id, source.commit_sha, err) from err
     files = [(f, {n: (t.dtype, tuple(t.shape)) for n, t in meta.files_metadata[f].tensors.items()}) for f in dict.fromkeys(meta.weight_map.values())]
     return ModelHeaders(
-        key=source.key, config=json.loads(config_file.read_text()), tensors=ordered_tensors(files),
+        key=source.key, config=read_json_object(config_file, f"fix config.json in {source.repo_id}"), tensors=ordered_tensors(files),
         card_base_model=card_base_model(readme),
     )
 
@@ -208,7 +209,7 @@ def _adapter_headers(adapter: Source, endpoint: str, cache_dir: Path | None) -> 
         config_file = _hub_file(adapter, ADAPTER_CONFIG, endpoint, cache_dir)
         if config_file is None:
             raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
-        config = json.loads(config_file.read_text())
+        config = read_json_object(config_file, f"fix {ADAPTER_CONFIG} in {adapter.repo_id}")
         check_adapter_config(adapter.key, config)
         readme = _hub_file(adapter, "README.md", endpoint, cache_dir)
         meta = HfApi(endpoint=endpoint, token=settings.hf_token()).parse_safetensors_file_metadata(adapter.repo_id, ADAPTER_WEIGHTS, revision=adapter.commit_sha)
@@ -226,6 +227,7 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
 
     Raises:
         ModelNotFoundError: no config.json or no safetensors weights; an adapter without its files or of a type mergeflow does not apply.
+        CorruptModelError: a config that is not a JSON object; for a local folder, what ``read_local_headers`` refuses.
         HubAccessError: the Hub refused the token.
     """
     url, cache = endpoint or settings.HF_ENDPOINT, cache_dir or settings.HF_CACHE_DIR
@@ -235,11 +237,36 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
     return with_adapter(headers, _adapter_headers(source.adapter, url, cache), source.key)
 
 
+def check_download(headers: ModelHeaders) -> None:
+    """The downloaded weight files of a Hub model hold the tensors its Hub headers listed (their headers read again).
+
+    Raises:
+        CorruptModelError: a file outside the download, corrupt, or holding other tensors than the Hub said.
+    """
+    assert headers.path is not None
+    by_file: dict[Path, list[str]] = {}
+    for name, tensor in headers.tensors.items():
+        if tensor.stored_as is None:
+            by_file.setdefault(folder_file(headers.path, tensor.file, named_by=INDEX_FILE), []).append(name)
+    for file, names in by_file.items():
+        entries = read_safetensors_header(file)
+        changed = next((n for n in names if entries.get(n) != (headers.tensors[n].dtype, headers.tensors[n].shape)), None)
+        if changed is not None:
+            raise CorruptModelError(str(file), f"does not hold {changed!r} as the Hub's header listed it", "delete it from the Hub cache and download again")
+
+
 def local_headers(headers: Sequence[ModelHeaders], sources: Sequence[Source]) -> dict[str, ModelHeaders]:
-    """Ref key -> the headers of each model, pointing at its downloaded folder (and its adapter's)."""
+    """Ref key -> the headers of each model, pointing at its downloaded folder (and its adapter's); the weight files of
+    a Hub model are checked against its Hub headers (``check_download``).
+
+    Raises:
+        CorruptModelError: what ``check_download`` refuses.
+    """
     by_key: Mapping[str, Source] = {s.key: s for s in sources}
     located = {}
     for h in headers:
         source = by_key.get(h.key)
         located[h.key] = h.at(source.path, source.adapter.path if source.adapter else None) if source and source.path else h
+        if source and source.path and source.repo_id:
+            check_download(located[h.key])
     return located
