@@ -48,15 +48,18 @@ class SequentialWriter:
                 self._filled = 0
 
     def _write_out(self, data: memoryview) -> None:
-        while len(data):
-            data = data[os.write(self._fd, data) :]
+        done = 0
+        while done < len(data):
+            with data[done:] as rest:  # released even when the write fails, so ``abort`` can unmap the buffer
+                done += os.write(self._fd, rest)
 
     def close(self) -> None:
         """Write the tail (unaligned, so without O_DIRECT), fsync and close."""
         try:
             if self._filled:
                 fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_DIRECT)
-                self._write_out(self._view[: self._filled])
+                with self._view[: self._filled] as tail:
+                    self._write_out(tail)
             os.fsync(self._fd)
         finally:
             self.abort()

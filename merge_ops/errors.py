@@ -76,3 +76,11 @@ class CorruptModelError(MergeflowError, ValueError):
         self.file = file
         self.problem = problem
         super().__init__(f"{file}: {problem}; {fix}")
+
+
+class OutputWriteError(MergeflowError, OSError):
+    """The output folder cannot be written: its disk is full or read-only, or it is not writable by this user."""
+
+    def __init__(self, path: str, reason: str, fix: str) -> None:
+        self.path = path
+        super().__init__(f"cannot write {path}: {reason}; {fix}")

@@ -17,10 +17,48 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from merge_ops.errors import OutputExistsError, OutputIsInputError, OutputLockedError
+from merge_ops.errors import OutputExistsError, OutputIsInputError, OutputLockedError, OutputWriteError
 from merge_ops.recipe import Recipe
 
 log = logging.getLogger(__name__)
+_NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG: "the file is larger than the filesystem allows"}
+_NOT_WRITABLE = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
+
+
+@contextmanager
+def output_write_errors(out_dir: Path) -> Iterator[None]:
+    """Turn the block's failures to write next to ``out_dir`` (full or read-only disk, no permission) into one OutputWriteError.
+
+    A full disk is always the output's (inputs are only read); a permission error only when it names the output's folder,
+    OUT itself or one of OUT's companions (``.OUT.*``: lock, staging).
+
+    Raises:
+        OutputWriteError: the output could not be written.
+    """
+    out_dir = Path(out_dir).absolute()
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as err:
+        if err.errno in _NO_SPACE:
+            raise OutputWriteError(str(out_dir), f"{_NO_SPACE[err.errno]} ({err.strerror})",
+                                   f"free space on {out_dir.parent} (df -h {out_dir.parent}) or choose an output path on another disk") from None
+        named = Path(os.fsdecode(err.filename)).absolute() if err.filename else out_dir.parent
+        if err.errno in _NOT_WRITABLE and _is_output_path(named, out_dir):
+            raise OutputWriteError(str(out_dir), f"{_NOT_WRITABLE[err.errno]} ({named})",
+                                   "choose an output path in a folder you can write, or fix its permissions or mount") from None
+        raise
+
+
+def _is_output_path(path: Path, out_dir: Path) -> bool:
+    """Whether ``path`` is the folder of ``out_dir`` (or above it), or lies in OUT or one of its ``.OUT.*`` companions."""
+    if path == out_dir.parent or path in out_dir.parent.parents:
+        return True
+    if out_dir.parent not in path.parents:
+        return False
+    top = path.relative_to(out_dir.parent).parts[0]
+    return top == out_dir.name or top.startswith(f".{out_dir.name}.")
 
 
 def lock_file(out_dir: Path) -> Path:
@@ -43,9 +81,11 @@ def output_lock(out_dir: Path) -> Iterator[None]:
             ...
     """
     path = lock_file(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with output_write_errors(out_dir):
+        path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        handle = path.open("a")
+        with output_write_errors(out_dir):
+            handle = path.open("a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,6 +102,21 @@ def output_lock(out_dir: Path) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # while still locked, so whoever waits on this file finds it gone and retries
         handle.close()
+
+
+def is_locked(out_dir: Path) -> bool:
+    """Whether a merge holds the lock of ``out_dir`` now (changes nothing on disk)."""
+    try:
+        handle = lock_file(out_dir).open("r")
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
 
 
 def check_unlocked(out_dir: Path) -> None:
@@ -157,9 +212,10 @@ def staged_output(out_dir: Path, *, force: bool = False, inputs: Iterable[Path] 
     with output_lock(out_dir):
         remove_stale_staging(out_dir)
         staging = out_dir.parent / f".{out_dir.name}.staging-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
         try:
-            yield staging
-            move_into_place(staging, out_dir, force=force, inputs=inputs)
+            with output_write_errors(out_dir):
+                staging.mkdir()
+                yield staging
+                move_into_place(staging, out_dir, force=force, inputs=inputs)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -26,7 +26,7 @@ from merge_ops.engine import finalize
 from merge_ops.engine import merge_shard as merge_plan_shard
 from merge_ops.errors import OutputExistsError
 from merge_ops.headers import ModelHeaders
-from merge_ops.output_folder import check_replaceable, move_into_place, remove_stale_staging
+from merge_ops.output_folder import check_replaceable, move_into_place, output_write_errors, remove_stale_staging
 from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe import Recipe
 
@@ -75,6 +75,12 @@ def staging_dir_for(out: Path, plan_sha256: str) -> Path:
     return out.parent / f".{out.name}.staging-{plan_sha256[:12]}"
 
 
+def out_of_staging_dir(staging_dir: Path) -> Path:
+    """The output path a staging folder (``staging_dir_for``) is for."""
+    staging_dir = Path(staging_dir).absolute()
+    return staging_dir.parent / staging_dir.name[1 : staging_dir.name.rindex(".staging-")]
+
+
 def shard_cache_key(plan_sha256: str, index: int) -> str:
     return f"merge_shard-{plan_sha256[:16]}-{index:05d}"
 
@@ -97,11 +103,12 @@ def prepare_staging(plan: MergePlan, out: Path, *, force: bool = False, inputs: 
     digest = hashlib.sha256(text.encode()).hexdigest()
     folder = staging_dir_for(out, digest)
     removed = remove_stale_staging(out, keep=folder)
-    (folder / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
-    if not (folder / PLAN_FILE).is_file():
-        tmp = folder / f"{PLAN_FILE}.partial"
-        tmp.write_text(text)
-        os.replace(tmp, folder / PLAN_FILE)
+    with output_write_errors(out):
+        (folder / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+        if not (folder / PLAN_FILE).is_file():
+            tmp = folder / f"{PLAN_FILE}.partial"
+            tmp.write_text(text)
+            os.replace(tmp, folder / PLAN_FILE)
     for partial in folder.glob("*.partial"):
         partial.unlink()
     done = []
@@ -132,7 +139,8 @@ def merge_shard_file(plan_path: Path, index: int, staging_dir: Path, *, device: 
     """Write shard ``index`` of the plan at ``plan_path`` into ``staging_dir`` (atomically)."""
     plan = MergePlan.model_validate_json(Path(plan_path).read_text())
     started = time.time()
-    digest = merge_plan_shard(plan, index, staging_dir, device=device)
+    with output_write_errors(out_of_staging_dir(staging_dir)):
+        digest = merge_plan_shard(plan, index, staging_dir, device=device)
     return ShardResult(index=index, file=plan.shards[index].file, sha256=digest, nbytes=plan.shards[index].nbytes,
                        started=started, seconds=time.time() - started)
 
@@ -151,8 +159,9 @@ def publish_staging(staging: Staging, results: list[ShardResult], *, force: bool
     missing = [r.file for r in results if not (staging.dir / r.file).is_file()]
     if missing or len(results) != len(plan.shards):
         raise FileNotFoundError(f"{staging.dir}: shard(s) missing: {', '.join(missing) or 'results incomplete'}; run again to recompute them")
-    finalize(plan, staging.dir)
-    shutil.rmtree(staging.results_dir)
-    staging.plan_path.unlink()
-    move_into_place(staging.dir, staging.out, force=force, inputs=staging.inputs)
+    with output_write_errors(staging.out):
+        finalize(plan, staging.dir)
+        shutil.rmtree(staging.results_dir)
+        staging.plan_path.unlink()
+        move_into_place(staging.dir, staging.out, force=force, inputs=staging.inputs)
     return staging.out

@@ -16,13 +16,14 @@ from merge_ops import sizes
 from merge_ops.adapter_merge import AdapterMergePlan, ModuleJob, merge_adapters, plan_adapter_merge
 from merge_ops.engine import Piece, check_device, merge_model, peak_memory_estimate
 from merge_ops.errors import OutputExistsError
+from merge_ops.leftovers import clean_leftovers, find_leftovers
 from merge_ops.methods.registry import METHODS
 from merge_ops.output_folder import check_replaceable, check_unlocked, recipe_inputs
 from merge_ops.plan import MergePlan, plan_merge
 from merge_ops.recipe import Recipe
 from merge_ops.recipe_file import load_recipe
 from mergeflow import settings
-from mergeflow.cli.console_errors import console, friendly_errors
+from mergeflow.cli.console_errors import Interrupted, console, friendly_errors
 from mergeflow.cli.stage import stage_app
 
 app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
@@ -129,7 +130,10 @@ def merge(
             done[0] += piece.completes_tensor
             bar.update(task, advance=piece.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")
 
-        hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded))
+        try:
+            hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded))
+        except KeyboardInterrupt:
+            raise Interrupted(f"nothing was written to {out} (its staging folder is removed)") from None
     elapsed = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = Table(title=f"merged into {out}")
@@ -270,10 +274,13 @@ def run(
     if dask_workers and not dask_address:
         share_api_with_worker_processes()
     with StagingProgress(out, console):
-        summary = merge_pipeline.with_options(task_runner=runner)(
-            recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
-            force=force, device=device, endpoint=endpoint,
-        )
+        try:
+            summary = merge_pipeline.with_options(task_runner=runner)(
+                recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
+                force=force, device=device, endpoint=endpoint,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(interrupted_run_note(out)) from None
     table = Table(title=f"merged into {summary.out}")
     for column in ("shard", "MB", "seconds", "sha256"):
         table.add_column(column)
@@ -287,6 +294,37 @@ def run(
         f"{summary.tensor_count} tensors, {human(summary.total_size)} written; pipeline {summary.pipeline_seconds:.1f} s, "
         f"shards {summary.merge_seconds:.1f} s ({human(summary.throughput)}/s)"
     )
+
+
+def interrupted_run_note(out: Path) -> str:
+    """What an interrupted ``run`` leaves: the staging folder a rerun resumes from, if any."""
+    kept = [path for path, _, kind in find_leftovers(out) if kind == "staging"]
+    if not kept:
+        return f"nothing was written to {out}"
+    return (f"{out} was not written; the shards finished so far are kept in {kept[0]}: run the same command again to resume, "
+            f"or `mergeflow clean {out}` to remove them")
+
+
+@app.command()
+@friendly_errors
+def clean(
+    paths: Annotated[list[Path] | None, typer.Argument(help="Output folders, or folders holding outputs (default: the current folder).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed or restored.")] = False,
+) -> None:
+    """Remove what killed merges left beside their outputs (staging folders), and put back an output a killed `--force`
+    merge had moved aside; leftovers of merges still running are left alone."""
+    items = [item for path in paths or [Path(".")] for item in clean_leftovers(path, dry_run=dry_run)]
+    if not items:
+        Console().print("nothing to clean")
+        return
+    table = Table(title="leftovers of killed merges")
+    for column in ("path", "output", "size", "action"):
+        table.add_column(column)
+    for item in items:
+        table.add_row(str(item.path), str(item.out), human(item.nbytes), item.action)
+    Console().print(table)
+    freed = sum(item.nbytes for item in items if item.action == "removed")
+    Console().print(f"{human(freed)} freed" if not dry_run else f"{len(items)} leftover(s); run without --dry-run to clean them")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The CLI's error console, and the decorator that turns mergeflow errors into one red line."""
+"""The CLI's error console, and the decorator that turns mergeflow errors and Ctrl-C into one line."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,10 +12,16 @@ from mergeflow import settings
 
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
+INTERRUPTED_EXIT = 130
+"""The shell's exit status for a command stopped by SIGINT (128 + 2)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the command kept or removed (the message printed after "interrupted: ")."""
 
 
 def friendly_errors(fn: F) -> F:
-    """Turn mergeflow errors into one red message and exit code 1 (tracebacks with MERGEFLOW_DEBUG=1)."""
+    """Mergeflow errors: one red line and exit 1; Ctrl-C: "interrupted" and exit 130 (tracebacks with MERGEFLOW_DEBUG=1)."""
 
     def run(*args: object, **kwargs: object) -> object:
         try:
@@ -25,6 +31,12 @@ def friendly_errors(fn: F) -> F:
                 raise
             console.print(f"[red]error:[/red] {err}", highlight=False)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as stop:
+            if settings.DEBUG:
+                raise
+            detail = f": {stop}" if isinstance(stop, Interrupted) and str(stop) else ""
+            console.print(f"[red]interrupted[/red]{detail}", highlight=False)
+            raise typer.Exit(INTERRUPTED_EXIT) from None
 
     run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn  # type: ignore[attr-defined]
     return run  # type: ignore[return-value]
