@@ -19,6 +19,7 @@ from merge_ops.model_folder import write_model_files
 from merge_ops.output_folder import staged_output
 from merge_ops.plan import MergePlan, TensorJob, torch_dtype
 from merge_ops.safetensors_io import DTYPE_NAMES, StreamingSafetensorsWriter, TensorBlocks, tensor_nbytes
+from merge_ops.stop import check_stop
 from merge_ops.vocabulary_rows import line_up
 
 BLOCK_ELEMENTS = 1 << 20
@@ -184,6 +185,7 @@ def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cp
         reads = deque(reader.submit(read, piece) for piece in pieces[:READ_AHEAD])
         writes: deque[Future[None]] = deque()
         for i, piece in enumerate(pieces):
+            check_stop()
             inputs, base = reads.popleft().result()
             if i + READ_AHEAD < len(pieces):
                 reads.append(reader.submit(read, pieces[i + READ_AHEAD]))

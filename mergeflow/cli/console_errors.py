@@ -1,13 +1,18 @@
 """The CLI's error console, and the decorator that turns mergeflow errors and Ctrl-C into one line."""
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import TypeVar
 
 import typer
 from rich.console import Console
 
 from merge_ops.errors import MergeflowError
+from merge_ops.stop import STOP
 from mergeflow import settings
 
 console = Console(stderr=True)
@@ -20,12 +25,32 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what the command kept or removed (the message printed after "interrupted: ")."""
 
 
+@contextmanager
+def stop_merges_on_interrupt() -> Iterator[None]:
+    """For the block: Ctrl-C also asks the shard loops on other threads to stop (``merge_ops.stop``), then interrupts as usual."""
+    STOP.clear()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        STOP.set()
+        signal.default_int_handler(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def friendly_errors(fn: F) -> F:
     """Mergeflow errors: one red line and exit 1; Ctrl-C: "interrupted" and exit 130 (tracebacks with MERGEFLOW_DEBUG=1)."""
 
     def run(*args: object, **kwargs: object) -> object:
         try:
-            return fn(*args, **kwargs)
+            with stop_merges_on_interrupt():
+                return fn(*args, **kwargs)
         except MergeflowError as err:
             if settings.DEBUG:
                 raise
