@@ -169,6 +169,24 @@ def interrupt_slowed_cli(tmp_path: Path, *args: str, env: dict[str, str] | None 
     return subprocess.CompletedProcess(command, process.returncode, stdout, " ".join(stderr.split()))
 
 
+def test_sigkill_during_merge_leaves_staging_that_the_next_merge_removes(recipe: Path, tmp_path: Path, inputs_unchanged: None) -> None:
+    out = tmp_path / "out" / "merged"
+    marker = tmp_path / "first-piece"
+    process = subprocess.Popen([sys.executable, str(ROOT / "tests" / "paused_cli.py"), str(marker), "0.5", "merge", str(recipe), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    [staging] = [p for p in out.parent.iterdir() if p.name.startswith(".merged.staging-")]
+    listed = runner.invoke(app, ["clean", str(out), "--dry-run"])
+    assert listed.exit_code == 0 and "would remove" in listed.output and staging.exists()
+    code, text = merge_cli(recipe, out)
+    assert code == 0, text
+    assert not staging.exists() and (out / "config.json").is_file()
+
+
 def test_ctrl_c_during_merge(recipe: Path, tmp_path: Path, inputs_unchanged: None) -> None:
     out = tmp_path / "out" / "merged"
     done = interrupt_slowed_cli(tmp_path, "merge", str(recipe), str(out), "--shard-size", "20KB")
