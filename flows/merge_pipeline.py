@@ -25,7 +25,7 @@ from mergeflow.sources import Source
 from tasks.checks import check_compatibility, check_weight_space
 from tasks.recipe import load_recipe
 from tasks.shards import finalize_model, merge_shard, plan_shards
-from tasks.sources import download_model, read_model_headers, resolve_model
+from tasks.sources import check_pins, download_model, read_model_headers, resolve_model
 from tasks.summary import merge_adapter, summarize_run
 
 
@@ -37,12 +37,19 @@ class PreparedSources(NamedTuple):
     report: CompatibilityReport
 
 
+def pin_sources(recipe: Recipe, endpoint: str | None) -> list[Source]:
+    """Pin every model of the recipe to a commit (Hub) or a folder (local), downloading nothing (tasks, inside the calling flow)."""
+    return resolve_model.map(recipe.referenced_models, unmapped(recipe.base_dir), unmapped(endpoint), unmapped(recipe.base_model)).result()
+
+
 def prepare_sources(
-    recipe: Recipe, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None
+    recipe: Recipe, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None, pinned: list[Source] | None = None,
 ) -> PreparedSources:
-    """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local."""
-    # Pin every model to a commit (Hub) or a folder (local), downloading nothing
-    resolved = resolve_model.map(recipe.referenced_models, unmapped(recipe.base_dir), unmapped(endpoint), unmapped(recipe.base_model)).result()
+    """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local.
+
+    ``pinned``: the recipe's models already pinned (``pin_sources``, e.g. by the DVC resolve stage), merged at exactly those commits.
+    """
+    resolved = pin_sources(recipe, endpoint) if pinned is None else check_pins(recipe, pinned)
 
     # Check compatibility from configs and safetensors headers, before any weight is downloaded
     headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
@@ -69,6 +76,7 @@ def merge_pipeline(
     endpoint: str | None = None,
     cache_dir: Path | None = None,
     extra_patterns: list[str] | None = None,
+    pinned: list[Source] | None = None,
 ) -> RunSummary:
     """Merge the models of a mergekit-format recipe into the folder ``out``.
 
@@ -81,10 +89,11 @@ def merge_pipeline(
         device: cpu, cuda or cuda:N.
         endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
+        pinned: the recipe's models already pinned (``pin_sources``): merged at these commits instead of resolving them again.
     """
     # Load the recipe; pin, check, download and check the models again in weight space
     parsed = load_recipe(recipe)
-    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns)
+    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns, pinned)
     if parsed.output == "adapter":  # adapters of one base combined into one adapter: their factors only
         return merge_adapter(parsed, sources, report, out, device, force)
 

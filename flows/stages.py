@@ -1,4 +1,4 @@
-"""The DVC stages of dvc.yaml as flows: merge -> evaluate -> publish (the family stage is ``mergeflow demo-models``).
+"""The DVC stages of dvc.yaml as flows: resolve -> merge -> evaluate -> publish (the family stage is ``mergeflow demo-models``).
 
 Each reads its settings from params.yaml and writes only what dvc.yaml declares, plus logs under
 ``outputs/logs``. ``mergeflow stage merge|evaluate|publish`` runs them; ``dvc repro`` runs those commands.
@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow, unmapped
 
 from flows.evaluate_publish import EvaluatePublishResult, evaluate_merge, evaluate_track_publish
-from flows.merge_pipeline import merge_pipeline
+from flows.merge_pipeline import merge_pipeline, pin_sources
 from mergeflow.evaluation import EvalSettings
 from mergeflow.hub import PublishTarget
 from mergeflow.params import MergeParams, PublishParams
@@ -30,23 +30,33 @@ from tasks.stage_records import (
 )
 
 
-@flow(name="merge_stage", flow_run_name="dvc-merge")
-def merge_stage(
-    params_file: Path, out: Path, recipe_out: Path, sources_out: Path, log_out: Path,
-    endpoint: str | None = None, cache_dir: Path | None = None, rename: dict[str, str] | None = None,
-) -> RunSummary:
-    """Merge the recipe of ``merge:`` (with its overrides) into ``out``; record the recipe and the pinned sources.
+@flow(name="resolve_stage", flow_run_name="dvc-resolve")
+def resolve_stage(params_file: Path, recipe_out: Path, pins_out: Path, endpoint: str | None = None, rename: dict[str, str] | None = None) -> list[Source]:
+    """Write the recipe of ``merge:`` (with its overrides) and its models pinned now (Hub commits, local folders).
+
+    Runs on every ``dvc repro`` (``always_changed``); the merge stage depends on both files, so it re-merges exactly when
+    the recipe changed or a source moved upstream.
 
     Args:
         rename: model reference prefixes to replace in the recipe, e.g. ``{"demo-family/": "demo/"}`` to read
             the demo family's folders as the Hub repos it was pushed to (the embedded default).
     """
-    # The recipe as merged, then the merge pipeline (download -> check -> shards -> finalize)
+    recipe = load_recipe(write_recipe_variant(MergeParams.from_params(params_file), recipe_out, rename))
+    pinned = pin_sources(recipe, endpoint)
+    write_sources_record(pinned, pins_out)
+    return pinned
+
+
+@flow(name="merge_stage", flow_run_name="dvc-merge")
+def merge_stage(
+    params_file: Path, recipe: Path, pins: Path, out: Path, sources_out: Path, log_out: Path,
+    endpoint: str | None = None, cache_dir: Path | None = None,
+) -> RunSummary:
+    """Merge ``recipe`` (the resolve stage's) at the commits of ``pins`` into ``out``; record the sources as downloaded."""
     params = MergeParams.from_params(params_file)
-    recipe = write_recipe_variant(params, recipe_out, rename)
     summary = merge_pipeline(
         recipe=recipe, out=out, shard_size=params.shard_size, compute_dtype=params.compute_dtype, force=True,
-        endpoint=endpoint, cache_dir=cache_dir,
+        endpoint=endpoint, cache_dir=cache_dir, pinned=read_sources_record(pins),
     )
     write_sources_record(summary.sources, sources_out)
     write_merge_log(summary, log_out)

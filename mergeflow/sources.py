@@ -18,7 +18,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
 from pydantic import BaseModel, Field
 
-from merge_ops.errors import CorruptModelError, ModelNotFoundError
+from merge_ops.errors import CorruptModelError, ModelNotFoundError, RecipeError
 from merge_ops.headers import ModelHeaders, card_base_model, ordered_tensors, read_local_headers, with_adapter
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterHeaders, check_adapter_config, is_adapter_folder, read_adapter_headers
 from merge_ops.model_files import folder_file, read_json_object, read_safetensors_header
@@ -129,6 +129,21 @@ def resolve_source(ref: ModelRef, *, base_dir: Path, endpoint: str | None = None
         return source
     model, _ = _pin(adapter_base(base, ref), base_dir, endpoint)
     return model.model_copy(update={"key": ref.key, "adapter": source})
+
+
+def matching_pins(refs: list[ModelRef], pinned: list[Source]) -> list[Source]:
+    """``pinned`` in the order of ``refs``, one per reference (matched by key).
+
+    Raises:
+        RecipeError: a reference has no pin, or a pin no reference (the pins are of another recipe: pin again).
+    """
+    by_key = {s.key: s for s in pinned}
+    missing = [r.key for r in refs if r.key not in by_key]
+    extra = sorted(set(by_key) - {r.key for r in refs})
+    if missing or extra:
+        raise RecipeError([f"the pinned sources do not match the recipe's models (not pinned: {missing}, not in the recipe: {extra}); "
+                           "pin them again (`dvc repro` runs the resolve stage first)"], source="pinned sources")
+    return [by_key[r.key] for r in refs]
 
 
 def download_source(

@@ -7,9 +7,9 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from merge_ops.headers import ModelHeaders
-from merge_ops.recipe import ModelRef
-from mergeflow.sources import Source, download_source, read_source_headers, resolve_source
-from tasks.retries import NETWORK
+from merge_ops.recipe import ModelRef, Recipe
+from mergeflow.sources import Source, download_source, matching_pins, read_source_headers, resolve_source
+from tasks.retries import LOCAL, NETWORK
 
 
 @task(name="resolve_model", task_run_name="resolve-{ref}", **NETWORK)
@@ -36,3 +36,9 @@ def download_model(
     if source.repo_id is not None or (source.adapter and source.adapter.repo_id is not None):
         get_run_logger().info("downloaded %s to %s", source.label, downloaded.path)
     return downloaded
+
+
+@task(name="check_pins", **LOCAL)
+def check_pins(recipe: Recipe, pinned: list[Source]) -> list[Source]:
+    """The recipe's models as ``pinned`` (one per reference, in the recipe's order)."""
+    return matching_pins(recipe.referenced_models, pinned)

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import HfApi, constants
 
 from mergeflow.demo_family.build import FamilySummary
+from mergeflow.local_hub import LocalHub
 
 pytest_plugins = ["demo_family_fixtures"]
 pytestmark = pytest.mark.slow  # dvc repro of the whole project twice, on the demo family
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ("family", "merge", "evaluate", "publish")
+STAGES = ("family", "resolve", "merge", "evaluate", "publish")
 
 
 def project_copy(dest: Path, family: FamilySummary) -> Path:
@@ -81,7 +83,7 @@ def reproduced(
     for name, process in runs.items():
         output, _ = process.communicate(timeout=900)
         assert process.returncode == 0, f"dvc repro in copy {name} failed:\n{output[-6000:]}"
-        assert ran(output) == {"family", "merge", "evaluate", "publish"}
+        assert ran(output) == set(STAGES)
     return copies
 
 
@@ -102,7 +104,9 @@ def test_two_fresh_copies_reproduce_the_same_lock(reproduced) -> None:
     sources = json.loads((a / "outputs" / "sources.json").read_text())["sources"]
     assert {s["repo_id"] for s in sources} == {"demo/base", "demo/add", "demo/reverse"}
     assert all(len(s["commit_sha"]) == 40 and not Path(s["path"]).is_absolute() for s in sources)
-    assert json.loads(dvc(a, env_a, "status", "--json")) == {}
+    assert json.loads(dvc(a, env_a, "status", "--json")) == {"resolve": ["always changed"]}
+    pins = json.loads((a / "outputs" / "pins.json").read_text())["sources"]
+    assert {(p["repo_id"], p["commit_sha"]) for p in pins} == {(s["repo_id"], s["commit_sha"]) for s in sources}
 
 
 def test_a_parameter_reruns_only_the_stages_that_read_it(reproduced) -> None:
@@ -110,13 +114,13 @@ def test_a_parameter_reruns_only_the_stages_that_read_it(reproduced) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["gate"]["min_average_gain"] = 0.06
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(dvc(project, env, "repro")) == {"publish"}
+    assert ran(dvc(project, env, "repro")) == {"resolve", "publish"}
 
 
 def test_exp_run_with_set_param_runs_a_variant(reproduced) -> None:
     project, env = reproduced["a"]
     output = dvc(project, env, "exp", "run", "-n", "ties-half", "-S", "merge.method=ties", "-S", "+merge.parameters.density=0.5", "-S", "publish.repo=null")
-    assert ran(output) == {"merge", "evaluate", "publish"}
+    assert ran(output) == {"resolve", "merge", "evaluate", "publish"}
     recipe = yaml.safe_load((project / "outputs" / "recipe.yaml").read_text())
     assert recipe["merge_method"] == "ties" and recipe["parameters"]["density"] == 0.5
 
@@ -142,3 +146,18 @@ def test_push_then_pull_restores_the_outputs(reproduced) -> None:
     shutil.rmtree(project / ".dvc" / "cache")
     dvc(project, env, "pull")
     assert {"merged": digests(merged), "release": digests(release)} == before
+
+
+def test_repro_re_merges_exactly_when_a_source_moves_upstream(reproduced, monkeypatch: pytest.MonkeyPatch) -> None:
+    project, env = reproduced["b"]
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # this process pushes to the local Hub (conftest sets offline mode)
+    assert ran(dvc(project, env, "repro")) == {"resolve"}  # the sources did not move: nothing is merged again
+    pins_before = {p["repo_id"]: p["commit_sha"] for p in json.loads((project / "outputs" / "pins.json").read_text())["sources"]}
+    with LocalHub(project / "outputs" / "hub") as hub:  # a new commit on demo/add, as its author would push upstream
+        HfApi(endpoint=hub.endpoint).upload_file(path_or_fileobj=b"evaluation notes", path_in_repo="NOTES.md", repo_id="demo/add")
+    output = dvc(project, env, "repro")
+    assert {"resolve", "merge"} <= ran(output)
+    pins_after = {p["repo_id"]: p["commit_sha"] for p in json.loads((project / "outputs" / "pins.json").read_text())["sources"]}
+    assert pins_after["demo/add"] != pins_before["demo/add"] and pins_after["demo/base"] == pins_before["demo/base"]
+    merged = {s["repo_id"]: s["commit_sha"] for s in json.loads((project / "outputs" / "sources.json").read_text())["sources"]}
+    assert merged == pins_after

@@ -1,4 +1,4 @@
-"""``mergeflow stage merge|evaluate|publish``: the stages of dvc.yaml, run by ``dvc repro`` in the project folder.
+"""``mergeflow stage resolve|merge|evaluate|publish``: the stages of dvc.yaml, run by ``dvc repro`` in the project folder.
 
 Paths are those dvc.yaml declares (under ``outputs/``); settings come from params.yaml.
 """
@@ -15,7 +15,7 @@ from mergeflow.cli.console_errors import console, friendly_errors
 
 OUTPUTS = Path("outputs")
 FAMILY, HUB, MERGED, RELEASE = OUTPUTS / "demo-family", OUTPUTS / "hub", OUTPUTS / "merged", OUTPUTS / "release"
-RECIPE, SOURCES = OUTPUTS / "recipe.yaml", OUTPUTS / "sources.json"
+RECIPE, PINS, SOURCES = OUTPUTS / "recipe.yaml", OUTPUTS / "pins.json", OUTPUTS / "sources.json"
 METRICS, PLOT, OUTCOME = Path("metrics/eval.json"), Path("metrics/scores.json"), Path("metrics/publish.json")
 """Small JSON files kept in git (not in outputs/), as DVC metrics are, so experiments carry them."""
 MERGE_LOG, HF_CACHE = OUTPUTS / "logs" / "merge-summary.json", OUTPUTS / "hf-cache"
@@ -52,17 +52,30 @@ def _rename(params: Path) -> dict[str, str] | None:
     return {f"{FAMILY.name}/": f"{DEMO_NAMESPACE}/"} if HubParams.from_params(params).is_local else None
 
 
+@stage_app.command("resolve")
+@friendly_errors
+def resolve(params: Params = Path("params.yaml")) -> None:
+    """Write the recipe of ``merge:`` to outputs/recipe.yaml and its models pinned now to outputs/pins.json."""
+    from flows.stages import resolve_stage
+
+    with hub_endpoint(params) as endpoint:
+        pinned = resolve_stage(params_file=params.absolute(), recipe_out=RECIPE.absolute(), pins_out=PINS.absolute(), endpoint=endpoint,
+                               rename=_rename(params))
+    for source in pinned:
+        console.print(f"{source.key} -> {source.label}", highlight=False)
+
+
 @stage_app.command("merge")
 @friendly_errors
 def merge(params: Params = Path("params.yaml")) -> None:
-    """Merge the recipe of ``merge:`` into outputs/merged; write outputs/recipe.yaml and outputs/sources.json."""
+    """Merge outputs/recipe.yaml at the commits of outputs/pins.json into outputs/merged; write outputs/sources.json."""
     from flows.stages import merge_stage
     from mergeflow.cli.staging_progress import StagingProgress
 
     with hub_endpoint(params) as endpoint, StagingProgress(MERGED, console):
         summary = merge_stage(
-            params_file=params.absolute(), out=MERGED.absolute(), recipe_out=RECIPE.absolute(), sources_out=SOURCES.absolute(),
-            log_out=MERGE_LOG.absolute(), endpoint=endpoint, cache_dir=HF_CACHE.absolute(), rename=_rename(params),
+            params_file=params.absolute(), recipe=RECIPE.absolute(), pins=PINS.absolute(), out=MERGED.absolute(), sources_out=SOURCES.absolute(),
+            log_out=MERGE_LOG.absolute(), endpoint=endpoint, cache_dir=HF_CACHE.absolute(),
         )
     console.print(f"merged {summary.tensor_count} tensors into {MERGED} in {summary.pipeline_seconds:.1f} s (plan {summary.plan_sha256[:12]})")
 
