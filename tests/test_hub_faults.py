@@ -301,3 +301,32 @@ def test_retry_delays_are_bounded_and_configurable() -> None:
     assert retry_delays(3, 2) == [2, 8, 30]
     assert retry_delays(2, 0.1) == pytest.approx([0.1, 0.4])
     assert retry_delays(0, 2) == []
+
+
+# -- from the command line, through the Prefect tasks and their retries -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_check_against_a_silent_hub_is_one_line_after_bounded_retries(
+    prefect_api: str, silent: SilentHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import flows.check  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
+    from mergeflow.cli import app
+    from tasks.sources import resolve_model
+
+    monkeypatch.setattr(resolve_model, "retries", 1)
+    monkeypatch.setattr(resolve_model, "retry_delay_seconds", [0.1])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("merge_method: linear\nmodels:\n  - model: org/model\n    parameters: {weight: 1.0}\n")
+    before = files_under(tmp_path)
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["check", str(recipe), "--endpoint", silent.endpoint])
+    elapsed = time.perf_counter() - started
+    assert result.exit_code == 1, result.output
+    assert f"error: Hub request GET {silent.endpoint}/api/models/org/model: no answer within 1 s" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert len(silent.held) == 2, "one try and one retry"
+    assert elapsed < 20
+    assert files_under(tmp_path) == before
