@@ -14,8 +14,9 @@ import pytest
 from huggingface_hub import HfApi
 from pipeline_helpers import hub_online, push
 
-from merge_ops.errors import MergeflowError, ModelNotFoundError
+from merge_ops.errors import MergeflowError, ModelNotFoundError, RecipeError
 from merge_ops.recipe import ModelRef
+from merge_ops.recipe_file import load_recipe
 from mergeflow import settings
 from mergeflow.errors import HubAccessError, HubError, PublishError
 from mergeflow.hub import publish_model
@@ -257,6 +258,15 @@ def test_invalid_repo_ids_fail_before_any_request(faulty: Callable[..., FaultyHu
     err = failure(lambda: publish_model(merged_folder, repo_id=repo_id, endpoint=hub.endpoint), PublishError, within=0.5)
     assert f"cannot publish to {repo_id!r}" in str(err)
     assert hub.requests == 0
+
+
+def test_empty_model_reference_is_a_recipe_error(tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text('merge_method: linear\nmodels:\n  - model: ""\n  - model: "@main"\n')
+    with pytest.raises(RecipeError) as err:
+        load_recipe(recipe)
+    assert err.value.problems == [f"models[{i}].model.path: '' -> an empty model reference; write a local model folder or a Hub repo id org/name"
+                                  for i in (0, 1)]
 
 
 def test_refused_token_and_missing_repo_or_revision(tmp_path: Path, merged_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
