@@ -94,8 +94,8 @@ def check_repo_id(ref: ModelRef) -> None:
 
 
 def _unreadable_header(source: Source, err: SafetensorsParsingError) -> CorruptModelError:
-    return CorruptModelError(f"{source.repo_id}@{source.commit_sha}", f"the Hub's safetensors header is unreadable ({str(err).splitlines()[0][:200]})",
-                             "check the repo's weights, and HF_ENDPOINT")
+    why = str(err).splitlines()[0].split("): ", 1)[-1].split(". ")[0][:200]  # "Failed to parse ... (repo ..., revision ...): WHY. Please ..."
+    return CorruptModelError(f"{source.repo_id}@{source.commit_sha}", f"the Hub's safetensors header is unreadable ({why})", "check the repo's weights, and HF_ENDPOINT")
 
 
 def _pin(ref: ModelRef, base_dir: Path, endpoint: str | None) -> tuple[Source, bool]:

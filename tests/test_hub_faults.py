@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import HfApi
 from pipeline_helpers import hub_online, push
 
-from merge_ops.errors import MergeflowError, ModelNotFoundError, RecipeError
+from merge_ops.errors import CorruptModelError, MergeflowError, ModelNotFoundError, RecipeError
 from merge_ops.recipe import ModelRef
 from merge_ops.recipe_file import load_recipe
 from mergeflow import settings
@@ -245,6 +245,15 @@ def test_json_answer_without_a_commit_is_refused(faulty: Callable[..., FaultyHub
     hub = faulty(status(200, b'{"id": "org/model", "siblings": []}'))
     err = failure(lambda: resolve_source(ModelRef(path="org/model"), base_dir=tmp_path, endpoint=hub.endpoint), HubError, within=1.0)
     assert isinstance(err, HubError) and not err.transient and "names no commit (sha)" in str(err)
+
+
+def test_unreadable_safetensors_header_on_the_hub(tmp_path: Path, merged_folder: Path) -> None:
+    (merged_folder / "model.safetensors").write_bytes((16).to_bytes(8, "little") + b"not a JSON head!")
+    with LocalHub(tmp_path / "hub") as hub:
+        sha = push(HfApi(endpoint=hub.endpoint), "org/model", merged_folder)
+        source = Source(key="org/model", repo_id="org/model", commit_sha=sha)
+        err = failure(lambda: read_source_headers(source, endpoint=hub.endpoint, cache_dir=tmp_path / "cache"), CorruptModelError, within=2.0)
+    assert str(err) == f"org/model@{sha}: the Hub's safetensors header is unreadable (header is not json-encoded string); check the repo's weights, and HF_ENDPOINT"
 
 
 # -- invalid ids, refusals ------------------------------------------------------------------------------------------
