@@ -87,20 +87,15 @@ class _BoundedLoader(yaml.SafeLoader):
         return node
 
 
-def read_recipe_yaml(path: Path) -> tuple[str, Any]:
-    """The text of a recipe file and its parsed YAML, read within ``MAX_RECIPE_BYTES`` and ``MAX_YAML_NODES``.
-
-    Args:
-        path: the recipe file.
+def read_recipe_text(path: Path) -> str:
+    """The text of a recipe file: a regular file of at most ``MAX_RECIPE_BYTES`` of UTF-8 (newlines as ``read_text``).
 
     Raises:
-        RecipeError: missing, a directory or other non-file, too large, not UTF-8 text, not valid YAML, nested too
-            deeply, or a YAML bomb (aliases expanding past the limit, or recursive).
+        RecipeError: missing, a directory or other non-file, too large, unreadable, or not UTF-8 text.
 
     Example:
-        >>> text, data = read_recipe_yaml(Path("recipes/ties.yaml"))
-        >>> data["merge_method"]
-        'ties'
+        >>> read_recipe_text(Path("recipes/ties.yaml")).startswith("merge_method")
+        True
     """
     def refuse(problem: str) -> RecipeError:
         return RecipeError([problem], source=str(path))
@@ -123,12 +118,26 @@ def read_recipe_yaml(path: Path) -> tuple[str, Any]:
         raise refuse(f"cannot read the file ({err.strerror or type(err).__name__}); check the path and its permissions") from None
     if len(text) > MAX_RECIPE_BYTES:
         raise refuse(f"the file is over the {MAX_RECIPE_BYTES}-byte limit for recipes; is this the recipe's YAML file?")
+    return text
+
+
+def parse_recipe_yaml(text: str, *, source: str = "recipe") -> Any:
+    """Recipe YAML parsed safely, nested at most ``MAX_YAML_DEPTH`` levels and at most ``MAX_YAML_NODES`` values with its
+    aliases expanded (checked before any Python value is built).
+
+    Raises:
+        RecipeError: not valid YAML, nested too deeply, or a YAML bomb (aliases expanding past the limit, or recursive).
+
+    Example:
+        >>> parse_recipe_yaml("merge_method: ties")
+        {'merge_method': 'ties'}
+    """
     try:
-        return text, yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  # a SafeLoader subclass
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506  # a SafeLoader subclass
     except _YamlTooLarge as err:
-        raise refuse(str(err)) from None
+        raise RecipeError([str(err)], source=source) from None
     except yaml.YAMLError as err:
-        raise refuse(f"not valid YAML: {err}") from None
+        raise RecipeError([f"not valid YAML: {err}"], source=source) from None
 
 
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
@@ -152,10 +161,10 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
 
 
 def load_recipe(path: Path) -> Recipe:
-    """Read and validate a YAML recipe file (within the bounds of ``read_recipe_yaml``).
+    """Read and validate a YAML recipe file (within the bounds of ``read_recipe_text`` and ``parse_recipe_yaml``).
 
     Raises:
-        RecipeError: what ``read_recipe_yaml`` refuses, and every schema and method problem at once.
+        RecipeError: what those refuse, and every schema and method problem at once.
     """
-    text, data = read_recipe_yaml(Path(path))
-    return parse_recipe(data, source=str(path)).with_source(text, Path(path).absolute())
+    text = read_recipe_text(Path(path))
+    return parse_recipe(parse_recipe_yaml(text, source=str(path)), source=str(path)).with_source(text, Path(path).absolute())

@@ -116,3 +116,17 @@ def test_cli_refuses_a_directory_and_a_binary_file(command: str, tmp_path: Path)
         result = runner.invoke(app, [command, str(recipe)] + ([str(tmp_path / "out")] if command == "merge" else []))
         assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_dvc_stage_recipe_variant_reads_within_the_same_bounds(tmp_path: Path) -> None:
+    from mergeflow.params import MergeParams
+    from mergeflow.stage_records import write_recipe_variant
+
+    bomb, plain = tmp_path / "bomb.yaml", tmp_path / "plain.yaml"
+    bomb.write_text(billion_laughs())
+    plain.write_text("merge_method: linear\nmodels:\n  - model: demo-family/add\n    parameters: {weight: 1.0}\n")
+    with pytest.raises(RecipeError, match="aliases expand to more than 100000 values"):
+        write_recipe_variant(MergeParams(recipe=bomb), tmp_path / "out.yaml")
+    assert not (tmp_path / "out.yaml").exists()
+    written = write_recipe_variant(MergeParams(recipe=plain, method="linear"), tmp_path / "out.yaml", rename={"demo-family/": "demo/"})
+    assert "model: demo/add" in written.read_text()
