@@ -20,7 +20,17 @@ from contextlib import contextmanager
 
 import httpx2
 from huggingface_hub import set_client_factory
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils._http import hf_request_event_hook
 from huggingface_hub.utils._validators import validate_repo_id
 
 from merge_ops.errors import MergeflowError, ModelNotFoundError
@@ -102,7 +112,9 @@ class HubTransport(httpx2.HTTPTransport):
 
 
 def _bounded_client() -> httpx2.Client:
-    return httpx2.Client(transport=HubTransport(), follow_redirects=True, timeout=None)  # None: the transport's limit, read per request
+    """huggingface_hub's default client (its hook: offline mode, request ids) on the bounded transport."""
+    return httpx2.Client(event_hooks={"request": [hf_request_event_hook]}, transport=HubTransport(), follow_redirects=True,
+                         timeout=None)  # None: the transport's limit, read per request
 
 
 _installed = threading.Lock()
@@ -127,11 +139,13 @@ def _own_error(err: BaseException) -> MergeflowError | None:
 
 def hub_error(repo_id: str, revision: str | None, err: Exception) -> Exception:
     """A failure of huggingface_hub as a mergeflow error: mergeflow's own (also when wrapped) pass through; 401/403 ``HubAccessError``;
-    a missing repo or revision ``ModelNotFoundError``; another refusal or an answer that is not JSON a permanent
-    ``HubError``; anything else is returned unchanged."""
+    a missing repo or revision ``ModelNotFoundError``; another refusal, offline mode, or an answer that is not a Hub's
+    (not JSON, no X-Repo-Commit) a permanent ``HubError``; a missing file and anything else are returned unchanged."""
     own = _own_error(err)
     if own is not None:
         return own
+    if isinstance(err, RemoteEntryNotFoundError):  # a file the commit lacks: the caller says which and what it means
+        return err
     if isinstance(err, GatedRepoError):
         return HubAccessError(repo_id, err.response.status_code if err.response is not None else None)
     if isinstance(err, RevisionNotFoundError):
@@ -144,6 +158,11 @@ def hub_error(repo_id: str, revision: str | None, err: Exception) -> Exception:
         if status in (401, 403):
             return HubAccessError(repo_id, status)
         return HubError(where, f"refused ({str(err).splitlines()[0][:200]})", f"check the repo id and revision, and {_FIX_ENDPOINT}", transient=False)
+    if isinstance(err, OfflineModeIsEnabled):
+        return HubError(where, "not asked: offline mode is on (HF_HUB_OFFLINE)", "unset HF_HUB_OFFLINE, or use local model folders", transient=False)
+    if isinstance(err, LocalEntryNotFoundError):  # a HEAD answer without the Hub's headers (X-Repo-Commit, ETag), and no cached copy
+        return HubError(where, f"lacks what a Hub sends ({str(err).split('. ')[0][:200]})", "check that HF_ENDPOINT is a Hub-compatible server",
+                        transient=False)
     if isinstance(err, json.JSONDecodeError):
         return HubError(where, f"is not JSON ({err.msg}, character {err.pos})", "check that HF_ENDPOINT is a Hub-compatible server, not a proxy or web page",
                         transient=False)

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
+from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, RemoteEntryNotFoundError, SafetensorsParsingError
 from pydantic import BaseModel, Field
 
 from merge_ops.errors import CorruptModelError, ModelNotFoundError
@@ -193,7 +193,7 @@ def _hub_file(source: Source, filename: str, endpoint: str, cache_dir: Path | No
     try:
         return Path(hf_hub_download(source.repo_id, filename, revision=source.commit_sha, endpoint=endpoint, token=settings.hf_token(), cache_dir=cache_dir,
                                     etag_timeout=settings.HUB_TIMEOUT))
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
         return None
 
 

@@ -256,6 +256,39 @@ def test_unreadable_safetensors_header_on_the_hub(tmp_path: Path, merged_folder:
     assert str(err) == f"org/model@{sha}: the Hub's safetensors header is unreadable (header is not json-encoded string); check the repo's weights, and HF_ENDPOINT"
 
 
+def test_web_server_that_is_no_hub_is_named(faulty: Callable[..., FaultyHub], tmp_path: Path) -> None:
+    hub = faulty(status(200, b"{}"))
+    err = failure(lambda: read_source_headers(hub_source(), endpoint=hub.endpoint, cache_dir=tmp_path / "cache"), HubError, within=1.0)
+    assert isinstance(err, HubError) and not err.transient
+    assert str(err).startswith(f"the Hub's answer about org/model@{SHA}: lacks what a Hub sends (") and "HF_ENDPOINT is a Hub-compatible server" in str(err)
+
+
+def test_offline_mode_is_a_permanent_error(silent: SilentHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    err = failure(lambda: resolve_source(ModelRef(path="org/model"), base_dir=tmp_path, endpoint=silent.endpoint), HubError, within=0.5)
+    assert isinstance(err, HubError) and not err.transient and "offline mode is on (HF_HUB_OFFLINE)" in str(err)
+    assert silent.held == []
+
+
+def test_missing_files_are_named_not_mapped(tmp_path: Path, merged_folder: Path) -> None:
+    bare, adapter = tmp_path / "bare", tmp_path / "adapter"
+    bare.mkdir()
+    adapter.mkdir()
+    (bare / "model.safetensors").write_bytes((merged_folder / "model.safetensors").read_bytes())
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}')
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        pinned = {name: Source(key=f"org/{name}", repo_id=f"org/{name}", commit_sha=push(api, f"org/{name}", folder))
+                  for name, folder in (("model", merged_folder), ("bare", bare), ("lora", adapter))}
+        err = failure(lambda: read_source_headers(pinned["bare"], endpoint=hub.endpoint, cache_dir=tmp_path / "cache"), ModelNotFoundError, within=2.0)
+        assert "the repo has no config.json" in str(err)
+        adapted = pinned["model"].model_copy(update={"adapter": pinned["lora"]})
+        err = failure(lambda: read_source_headers(adapted, endpoint=hub.endpoint, cache_dir=tmp_path / "cache"), ModelNotFoundError, within=2.0)
+        assert "the repo has no adapter_model.safetensors" in str(err)
+
+
 # -- invalid ids, refusals ------------------------------------------------------------------------------------------
 
 

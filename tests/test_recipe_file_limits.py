@@ -90,7 +90,7 @@ def test_directory_is_refused(tmp_path: Path) -> None:
 
 def test_deeply_nested_yaml_is_refused(tmp_path: Path) -> None:
     recipe = tmp_path / "deep.yaml"
-    recipe.write_text("merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000 + "\n")
+    recipe.write_text("merge_method: linear\nmodels:\n" + "  [\n" * 5000 + "  ]\n" * 5000)
     assert "nests more than 64 levels deep" in refused(recipe)
 
 
