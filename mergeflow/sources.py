@@ -82,7 +82,7 @@ def _local_folder(ref: ModelRef, base_dir: Path) -> Path | None:
     return next((c.resolve() for c in (Path(ref.path), base_dir / ref.path) if c.is_dir()), None)
 
 
-def check_repo_id(ref: ModelRef) -> None:
+def _check_repo_id(ref: ModelRef) -> None:
     """``ref`` (not a local folder) is a Hub repo id ``namespace/name``; checked before any request.
 
     Raises:
@@ -105,7 +105,7 @@ def _pin(ref: ModelRef, base_dir: Path, endpoint: str | None) -> tuple[Source, b
         if ref.revision:
             log.warning(LOCAL_REVISION, ref.path, ref.revision)
         return Source(key=ref.key, path=folder), is_adapter_folder(folder)
-    check_repo_id(ref)
+    _check_repo_id(ref)
     api = HfApi(endpoint=endpoint or settings.HF_ENDPOINT, token=settings.hf_token())
     with hub_errors(ref.path, ref.revision):
         info = api.model_info(ref.path, revision=ref.revision, timeout=settings.HUB_TIMEOUT)
