@@ -68,6 +68,13 @@ class ModelRef(BaseModel):
             return {**parsed, **({"adapter": lora} if lora else {})}
         return value
 
+    @field_validator("path")
+    @classmethod
+    def _named(cls, path: str) -> str:
+        if not path.strip():
+            raise ValueError("an empty model reference; write a local model folder or a Hub repo id org/name")
+        return path
+
     @model_serializer
     def _as_text(self) -> str:
         return self.key

@@ -20,6 +20,16 @@ class HubAccessError(MergeflowError, PermissionError):
         )
 
 
+class HubError(MergeflowError, ConnectionError):
+    """The Hub (HF_ENDPOINT) could not be used: no answer in time, no connection, a server error (5xx, 429), or an
+    answer that is not the Hub's (not JSON, cut off). ``transient`` failures are worth retrying; the others are not."""
+
+    def __init__(self, what: str, why: str, fix: str, *, transient: bool) -> None:
+        self.what = what
+        self.transient = transient
+        super().__init__(f"{what}: {why}; {fix}")
+
+
 class ParamsError(MergeflowError, ValueError):
     """The params file (``eval:`` / ``gate:`` sections) is invalid; the message lists every problem with its key path."""
 

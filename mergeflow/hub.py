@@ -1,4 +1,4 @@
-"""The Hub client's errors as mergeflow errors, and publishing a model folder to the Hub.
+"""Publishing a model folder to the Hub (its requests bounded and its errors mapped by ``mergeflow.hub_client``).
 
 ``publish_model`` is ``create_repo(exist_ok=True)`` + ``upload_folder``: files whose content is already on the
 Hub are not sent, and an upload that changes nothing makes no commit (the head's sha comes back). The token
@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import HfHubHTTPError
 from pydantic import BaseModel, ConfigDict
 
-from merge_ops.errors import ModelNotFoundError
+from merge_ops.errors import MergeflowError
 from mergeflow import settings
-from mergeflow.errors import HubAccessError, PublishError
+from mergeflow.errors import PublishError
+from mergeflow.hub_client import hub_errors, repo_id_problem
 
 UPLOAD_IGNORE = [".*", "*/.*", "*.partial"]
 
@@ -41,20 +42,6 @@ class Published(BaseModel):
     url: str
 
 
-def hub_error(repo_id: str, revision: str | None, err: Exception) -> Exception:
-    """Permanent Hub errors as mergeflow errors (not retried); anything else is returned unchanged."""
-    if isinstance(err, GatedRepoError):
-        return HubAccessError(repo_id, err.response.status_code if err.response is not None else None)
-    if isinstance(err, RevisionNotFoundError):
-        return ModelNotFoundError(f"{repo_id}@{revision}", "the Hub has no such revision; check the branch, tag or commit")
-    if isinstance(err, RepositoryNotFoundError):
-        return ModelNotFoundError(repo_id, "not a local folder, and the Hub has no such repo (or it is private: set HF_TOKEN)")
-    status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
-    if status in (401, 403):
-        return HubAccessError(repo_id, status)
-    return err
-
-
 def publish_model(
     folder: Path, *, repo_id: str, private: bool = False, endpoint: str | None = None, commit_message: str | None = None
 ) -> Published:
@@ -63,24 +50,30 @@ def publish_model(
     The token comes from ``settings.hf_token()`` (HF_TOKEN or ``hf auth login``), never from an argument.
 
     Raises:
-        PublishError: the Hub refused for good (401/403: token; 404: namespace; 400: repo id) - not retried.
-        HfHubHTTPError, OSError: other failures (5xx, network), worth retrying.
+        PublishError: not a repo id ``namespace/name`` (before any request), or the Hub refused for good (401/403: token;
+            404: namespace; 400: repo id) - not retried.
+        HubError: a failed request (no answer within ``settings.HUB_TIMEOUT``, 5xx), worth retrying when ``transient``.
 
     Example:
         >>> publish_model(Path("merged/ties"), repo_id="me/skills-ties").commit_sha
         '3f1c...'
     """
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise PublishError(repo_id, None, problem)
     api = HfApi(endpoint=endpoint or settings.HF_ENDPOINT, token=settings.hf_token())
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        before = api.model_info(repo_id).sha
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message or f"Upload {Path(folder).name} with mergeflow",
-            ignore_patterns=UPLOAD_IGNORE,
-        )
-    except HfHubHTTPError as err:
-        status = err.response.status_code if err.response is not None else None
-        if status in (400, 401, 403, 404, 409, 422):
-            raise PublishError(repo_id, status, str(err).splitlines()[0]) from err
-        raise
+        with hub_errors(repo_id):
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            before = api.model_info(repo_id, timeout=settings.HUB_TIMEOUT).sha
+            info = api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or f"Upload {Path(folder).name} with mergeflow",
+                ignore_patterns=UPLOAD_IGNORE,
+            )
+    except MergeflowError as err:
+        http = err.__cause__
+        if not isinstance(http, HfHubHTTPError):  # no answer, 5xx, not JSON: the HubError as it is
+            raise
+        status = http.response.status_code if http.response is not None else None  # the Hub refused: token, namespace, repo id
+        raise PublishError(repo_id, status, str(http).splitlines()[0][:200]) from err
     return Published(repo_id=repo_id, commit_sha=info.oid, new_commit=info.oid != before, url=str(url))

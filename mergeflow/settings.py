@@ -15,6 +15,16 @@ HF_ENDPOINT: str = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstri
 HF_CACHE_DIR: Path | None = Path(os.environ["MERGEFLOW_HF_CACHE"]) if os.environ.get("MERGEFLOW_HF_CACHE") else None
 """MERGEFLOW_HF_CACHE: where downloads are cached; unset uses huggingface_hub's cache (HF_HUB_CACHE / HF_HOME)."""
 
+HUB_TIMEOUT: float = float(os.environ.get("MERGEFLOW_HUB_TIMEOUT") or 30)
+"""MERGEFLOW_HUB_TIMEOUT: seconds any one Hub request may take to connect, to send, or between two pieces of its
+answer; a Hub that stays silent longer fails with a one-line error (retried like any transient failure)."""
+
+RETRIES: int = int(os.environ.get("MERGEFLOW_RETRIES") or 3)
+"""MERGEFLOW_RETRIES: how often a network task (Hub, MLflow) is retried after a transient failure (0: never)."""
+
+RETRY_DELAY: float = float(os.environ.get("MERGEFLOW_RETRY_DELAY") or 2)
+"""MERGEFLOW_RETRY_DELAY: seconds before the first retry; each next waits 4 times longer, at most 30 s (2, 8, 30)."""
+
 WORKERS: int = int(os.environ.get("MERGEFLOW_WORKERS", "2"))
 """MERGEFLOW_WORKERS: shards merged at once by the default thread-pool task runner."""
 

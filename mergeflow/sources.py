@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, NotASafetensorsRepoError
+from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, RemoteEntryNotFoundError, SafetensorsParsingError
 from pydantic import BaseModel, Field
 
 from merge_ops.errors import CorruptModelError, ModelNotFoundError, RecipeError
@@ -25,7 +25,8 @@ from merge_ops.model_files import folder_file, read_json_object, read_safetensor
 from merge_ops.recipe import LOCAL_REVISION, ModelRef, adapter_base
 from merge_ops.safetensors_io import INDEX_FILE
 from mergeflow import settings
-from mergeflow.hub import hub_error
+from mergeflow.errors import HubError
+from mergeflow.hub_client import hub_errors, repo_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,22 @@ def _local_folder(ref: ModelRef, base_dir: Path) -> Path | None:
     return next((c.resolve() for c in (Path(ref.path), base_dir / ref.path) if c.is_dir()), None)
 
 
+def _check_repo_id(ref: ModelRef) -> None:
+    """``ref`` (not a local folder) is a Hub repo id ``namespace/name``; checked before any request.
+
+    Raises:
+        ModelNotFoundError: not of that form (``a/b/c``, ``../x``, ``org/na me``, an empty name).
+    """
+    problem = repo_id_problem(ref.path)
+    if problem:
+        raise ModelNotFoundError(ref.key, f"not a local folder, nor a Hub repo id of the form org/name ({problem}); fix the path or the repo id")
+
+
+def _unreadable_header(source: Source, err: SafetensorsParsingError) -> CorruptModelError:
+    why = str(err).splitlines()[0].split("): ", 1)[-1].split(". ")[0][:200]  # "Failed to parse ... (repo ..., revision ...): WHY. Please ..."
+    return CorruptModelError(f"{source.repo_id}@{source.commit_sha}", f"the Hub's safetensors header is unreadable ({why})", "check the repo's weights, and HF_ENDPOINT")
+
+
 def _pin(ref: ModelRef, base_dir: Path, endpoint: str | None) -> tuple[Source, bool]:
     """``ref`` pinned to a folder or a commit, and whether it is a PEFT adapter rather than a model."""
     folder = _local_folder(ref, base_dir)
@@ -88,13 +105,12 @@ def _pin(ref: ModelRef, base_dir: Path, endpoint: str | None) -> tuple[Source, b
         if ref.revision:
             log.warning(LOCAL_REVISION, ref.path, ref.revision)
         return Source(key=ref.key, path=folder), is_adapter_folder(folder)
-    if ref.path.count("/") != 1 or ref.path.startswith((".", "/")):
-        raise ModelNotFoundError(ref.key, "not a local folder, nor a Hub repo id of the form org/name")
+    _check_repo_id(ref)
     api = HfApi(endpoint=endpoint or settings.HF_ENDPOINT, token=settings.hf_token())
-    try:
-        info = api.model_info(ref.path, revision=ref.revision)
-    except HfHubHTTPError as err:
-        raise hub_error(ref.path, ref.revision, err) from err
+    with hub_errors(ref.path, ref.revision):
+        info = api.model_info(ref.path, revision=ref.revision, timeout=settings.HUB_TIMEOUT)
+    if not isinstance(info.sha, str) or not info.sha:
+        raise HubError(f"the Hub's answer about {ref.key}", "names no commit (sha)", "check HF_ENDPOINT: is it a Hub-compatible server?", transient=False)
     files = {sibling.rfilename for sibling in info.siblings or []}
     source = Source(key=ref.key, repo_id=ref.path, revision=ref.revision, commit_sha=info.sha)
     return source, ADAPTER_CONFIG in files and "config.json" not in files
@@ -113,6 +129,8 @@ def resolve_source(ref: ModelRef, *, base_dir: Path, endpoint: str | None = None
         ModelNotFoundError: neither a local folder nor a Hub repo/revision; ADAPTER of ``BASE+ADAPTER`` is no adapter.
         RecipeError: an adapter listed on its own without a recipe base model.
         HubAccessError: the Hub refused the token.
+        HubError: the Hub failed (no answer within ``settings.HUB_TIMEOUT``, 5xx: ``transient``) or answered what a Hub
+            does not (not JSON, no commit).
 
     Example:
         >>> resolve_source(ModelRef.model_validate("org/model@main"), base_dir=Path("."))
@@ -165,12 +183,13 @@ def download_source(
         adapter_only: fetch only the adapter (adapter-space merges never read the base's weights).
 
     Raises:
-        ModelNotFoundError, HubAccessError: permanent; other errors (network) are worth retrying.
+        ModelNotFoundError, HubAccessError: permanent.
+        HubError: a failed request, worth retrying when ``transient``.
     """
     adapter = download_source(source.adapter, endpoint=endpoint, cache_dir=cache_dir) if source.adapter else None
     if source.repo_id is None or adapter_only:
         return source.model_copy(update={"adapter": adapter})
-    try:
+    with hub_errors(source.repo_id, source.commit_sha):
         folder = snapshot_download(
             source.repo_id,
             revision=source.commit_sha,
@@ -178,9 +197,8 @@ def download_source(
             cache_dir=cache_dir or settings.HF_CACHE_DIR,
             endpoint=endpoint or settings.HF_ENDPOINT,
             token=settings.hf_token(),
+            etag_timeout=settings.HUB_TIMEOUT,
         )
-    except HfHubHTTPError as err:
-        raise hub_error(source.repo_id, source.commit_sha, err) from err
     return source.model_copy(update={"path": Path(folder), "adapter": adapter})
 
 
@@ -188,8 +206,9 @@ def _hub_file(source: Source, filename: str, endpoint: str, cache_dir: Path | No
     """One file of a pinned Hub source, from the cache or downloaded; None when the commit lacks it."""
     assert source.repo_id is not None and source.commit_sha is not None
     try:
-        return Path(hf_hub_download(source.repo_id, filename, revision=source.commit_sha, endpoint=endpoint, token=settings.hf_token(), cache_dir=cache_dir))
-    except EntryNotFoundError:
+        return Path(hf_hub_download(source.repo_id, filename, revision=source.commit_sha, endpoint=endpoint, token=settings.hf_token(), cache_dir=cache_dir,
+                                    etag_timeout=settings.HUB_TIMEOUT))
+    except RemoteEntryNotFoundError:
         return None
 
 
@@ -199,15 +218,16 @@ def _model_headers(source: Source, endpoint: str, cache_dir: Path | None) -> Mod
         return read_local_headers(source.key, source.path)
     assert source.repo_id is not None and source.commit_sha is not None
     try:
-        config_file = _hub_file(source, "config.json", endpoint, cache_dir)
-        if config_file is None:
-            raise ModelNotFoundError(source.key, "the repo has no config.json; is it a transformers model?")
-        readme = _hub_file(source, "README.md", endpoint, cache_dir)
-        meta = HfApi(endpoint=endpoint, token=settings.hf_token()).get_safetensors_metadata(source.repo_id, revision=source.commit_sha)
+        with hub_errors(source.repo_id, source.commit_sha):
+            config_file = _hub_file(source, "config.json", endpoint, cache_dir)
+            if config_file is None:
+                raise ModelNotFoundError(source.key, "the repo has no config.json; is it a transformers model?")
+            readme = _hub_file(source, "README.md", endpoint, cache_dir)
+            meta = HfApi(endpoint=endpoint, token=settings.hf_token()).get_safetensors_metadata(source.repo_id, revision=source.commit_sha)
     except NotASafetensorsRepoError:
         raise ModelNotFoundError(source.key, "the repo has no .safetensors weights; mergeflow merges safetensors only") from None
-    except HfHubHTTPError as err:
-        raise hub_error(source.repo_id, source.commit_sha, err) from err
+    except SafetensorsParsingError as err:
+        raise _unreadable_header(source, err) from None
     files = [(f, {n: (t.dtype, tuple(t.shape)) for n, t in meta.files_metadata[f].tensors.items()}) for f in dict.fromkeys(meta.weight_map.values())]
     return ModelHeaders(
         key=source.key, config=read_json_object(config_file, f"fix config.json in {source.repo_id}"), tensors=ordered_tensors(files),
@@ -221,17 +241,19 @@ def _adapter_headers(adapter: Source, endpoint: str, cache_dir: Path | None) -> 
         return read_adapter_headers(adapter.key, adapter.path, card_base_model(adapter.path / "README.md"))
     assert adapter.repo_id is not None and adapter.commit_sha is not None
     try:
-        config_file = _hub_file(adapter, ADAPTER_CONFIG, endpoint, cache_dir)
-        if config_file is None:
-            raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
-        config = read_json_object(config_file, f"fix {ADAPTER_CONFIG} in {adapter.repo_id}")
-        check_adapter_config(adapter.key, config)
-        readme = _hub_file(adapter, "README.md", endpoint, cache_dir)
-        meta = HfApi(endpoint=endpoint, token=settings.hf_token()).parse_safetensors_file_metadata(adapter.repo_id, ADAPTER_WEIGHTS, revision=adapter.commit_sha)
+        with hub_errors(adapter.repo_id, adapter.commit_sha):
+            config_file = _hub_file(adapter, ADAPTER_CONFIG, endpoint, cache_dir)
+            if config_file is None:
+                raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_CONFIG}; is it a PEFT adapter?")
+            config = read_json_object(config_file, f"fix {ADAPTER_CONFIG} in {adapter.repo_id}")
+            check_adapter_config(adapter.key, config)
+            readme = _hub_file(adapter, "README.md", endpoint, cache_dir)
+            meta = HfApi(endpoint=endpoint, token=settings.hf_token()).parse_safetensors_file_metadata(
+                adapter.repo_id, ADAPTER_WEIGHTS, revision=adapter.commit_sha, timeout=settings.HUB_TIMEOUT)
     except (EntryNotFoundError, NotASafetensorsRepoError):
         raise ModelNotFoundError(adapter.key, f"the repo has no {ADAPTER_WEIGHTS}; mergeflow applies safetensors adapters only") from None
-    except HfHubHTTPError as err:
-        raise hub_error(adapter.repo_id, adapter.commit_sha, err) from err
+    except SafetensorsParsingError as err:
+        raise _unreadable_header(adapter, err) from None
     tensors = {n: (t.dtype, tuple(t.shape)) for n, t in meta.tensors.items()}
     return AdapterHeaders(key=adapter.key, config=config, tensors=tensors, card_base_model=card_base_model(readme))
 
@@ -242,8 +264,10 @@ def read_source_headers(source: Source, *, endpoint: str | None = None, cache_di
 
     Raises:
         ModelNotFoundError: no config.json or no safetensors weights; an adapter without its files or of a type mergeflow does not apply.
-        CorruptModelError: a config that is not a JSON object; for a local folder, what ``read_local_headers`` refuses.
+        CorruptModelError: a config that is not a JSON object, a Hub safetensors header that does not parse; for a local
+            folder, what ``read_local_headers`` refuses.
         HubAccessError: the Hub refused the token.
+        HubError: a failed request, worth retrying when ``transient``.
     """
     url, cache = endpoint or settings.HF_ENDPOINT, cache_dir or settings.HF_CACHE_DIR
     headers = _model_headers(source, url, cache)

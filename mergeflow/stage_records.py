@@ -11,9 +11,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel
 
+from merge_ops.recipe_file import parse_recipe_yaml, read_recipe_text
 from merge_ops.recipe_variants import vary_recipe
 from mergeflow.evaluation import EvalResult, mean_score
 from mergeflow.files import write_atomic
@@ -55,10 +55,10 @@ def write_recipe_variant(params: MergeParams, out: Path, rename: dict[str, str] 
     ``rename`` replaces model reference prefixes, e.g. ``{"demo-family/": "demo/"}`` to read the demo
     family's local folders as Hub repos.
     """
-    text = params.recipe.read_text()
+    text = read_recipe_text(params.recipe)
     for old, new in (rename or {}).items():
         text = text.replace(f" {old}", f" {new}")
-    variant = vary_recipe(yaml.safe_load(text), method=params.method, parameters=params.parameters, source=str(params.recipe))
+    variant = vary_recipe(parse_recipe_yaml(text, source=str(params.recipe)), method=params.method, parameters=params.parameters, source=str(params.recipe))
     note = f"# {params.recipe} with merge.method={params.method} and merge.parameters={params.parameters} (params.yaml)\n"
     return write_atomic(out, note + variant.yaml())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import BaseModel
 
 from merge_ops.compatibility import CompatibilityReport
@@ -19,7 +18,7 @@ from merge_ops.errors import OutputExistsError
 from merge_ops.headers import ModelHeaders
 from merge_ops.plan import plan_merge
 from merge_ops.recipe import Recipe
-from merge_ops.recipe_file import load_recipe
+from merge_ops.recipe_file import load_recipe, parse_recipe_yaml
 from merge_ops.sweep_grid import Grid, expand_grid, value_text
 from mergeflow.errors import EvaluationError
 from mergeflow.evaluation import EvalResult, EvalSettings, mean_score
@@ -77,7 +76,7 @@ def write_candidates(recipe: Recipe, grid: Grid, out: Path, *, force: bool = Fal
         OutputExistsError: ``out`` exists and ``force`` is False.
     """
     out = Path(out).absolute()
-    candidates = expand_grid(yaml.safe_load(recipe.text), grid, source=recipe.file_name)
+    candidates = expand_grid(parse_recipe_yaml(recipe.text, source=recipe.file_name), grid, source=recipe.file_name)
     if out.exists() and not force:
         raise OutputExistsError(str(out))
     (out / RECIPES_DIR).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""How network-facing tasks retry: transient failures only, with exponential backoff (plus jitter)."""
+"""How network-facing tasks retry: transient failures only, a bounded number of times with exponential backoff (plus
+jitter); ``settings.RETRIES`` and ``settings.RETRY_DELAY`` (MERGEFLOW_RETRIES, MERGEFLOW_RETRY_DELAY) set both."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,15 +8,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 
 from merge_ops.errors import MergeflowError
+from mergeflow import settings
+from mergeflow.errors import HubError
 
-RETRY_DELAYS = [2, 8, 30]
-"""Seconds before the 1st, 2nd and 3rd retry."""
+
+def retry_delays(retries: int, first: float) -> list[float]:
+    """Seconds before each retry: ``first``, then 4 times longer each time, at most 30 s (default 2, 8, 30)."""
+    return [min(first * 4**i, 30.0) for i in range(retries)]
+
+
+RETRY_DELAYS = retry_delays(settings.RETRIES, settings.RETRY_DELAY)
+"""Seconds before the 1st, 2nd, ... retry."""
 
 
 def only_transient(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry unless the failure is a mergeflow error (not found, unauthorised, incompatible): those won't heal."""
+    """Retry a transient Hub failure (no answer, no connection, 5xx, 429) or an error from another client (MLflow,
+    network); never a mergeflow error that won't heal (not found, unauthorised, incompatible, a bad answer)."""
     try:
         state.result()
+    except HubError as err:
+        return err.transient
     except MergeflowError:
         return False
     except Exception:
@@ -23,7 +35,7 @@ def only_transient(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
     return True
 
 
-NETWORK: dict[str, Any] = dict(retries=3, retry_delay_seconds=RETRY_DELAYS, retry_jitter_factor=0.5, retry_condition_fn=only_transient,
+NETWORK: dict[str, Any] = dict(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS or 0, retry_jitter_factor=0.5, retry_condition_fn=only_transient,
                                cache_policy=NO_CACHE, persist_result=False)
 """Options of every task that talks to the Hub or MLflow."""
 LOCAL: dict[str, Any] = dict(cache_policy=NO_CACHE, persist_result=False)

@@ -335,6 +335,7 @@ def check(recipe: Path, endpoint: Endpoint = None) -> None:
     When every model is a local folder, also checks in weight space that each was fine-tuned from the base.
     Exits with 1 when the models are not compatible.
     """
+    load_recipe(recipe)  # a broken recipe fails here, before Prefect is imported and started
     from rich.markdown import Markdown
 
     from flows.check import check_models
