@@ -37,7 +37,7 @@ class ParamsError(MergeflowError, ValueError):
         self.problems = problems
         self.source = source
         lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+        super().__init__(f"{source}: {problems[0]}" if len(problems) == 1 else f"{source} has {len(problems)} problem(s):\n{lines}")
 
 
 class EvaluationError(MergeflowError, ValueError):

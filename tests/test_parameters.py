@@ -184,7 +184,8 @@ def problems_of(data: object) -> list[str]:
     with pytest.raises(RecipeError) as info:
         parse_recipe(data)
     assert isinstance(info.value, ValueError)
-    assert str(info.value).count("\n  - ") == len(info.value.problems)  # the message lists every problem
+    problems = info.value.problems  # the message lists every problem; a single one on one line
+    assert str(info.value).count("\n  - ") == len(problems) if len(problems) > 1 else str(info.value) == f"recipe: {problems[0]}"
     return info.value.problems
 
 

@@ -104,7 +104,7 @@ def test_cli_refuses_a_bomb_in_one_line_without_writing(command: str, tmp_path: 
     result = runner.invoke(app, args)
     assert time.perf_counter() - started < 1.0
     assert result.exit_code == 1, result.output
-    assert "aliases expand to more than 100000 values" in result.output and "Traceback" not in result.output
+    assert "aliases expand to more than 100000 values" in " ".join(result.output.split()) and "Traceback" not in result.output
     assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
 
 
@@ -114,7 +114,7 @@ def test_cli_refuses_a_directory_and_a_binary_file(command: str, tmp_path: Path)
     binary.write_bytes(bytes(range(128, 256)))
     for recipe, expected in ((tmp_path, "is a directory"), (binary, "not UTF-8 text")):
         result = runner.invoke(app, [command, str(recipe)] + ([str(tmp_path / "out")] if command == "merge" else []))
-        assert result.exit_code == 1 and expected in result.output and "Traceback" not in result.output
+        assert result.exit_code == 1 and expected in " ".join(result.output.split()) and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
 
