@@ -137,7 +137,17 @@ def parse_recipe_yaml(text: str, *, source: str = "recipe") -> Any:
     except _YamlTooLarge as err:
         raise RecipeError([str(err)], source=source) from None
     except yaml.YAMLError as err:
-        raise RecipeError([f"not valid YAML: {err}"], source=source) from None
+        raise RecipeError([f"not valid YAML: {_yaml_problem(err)}; fix the YAML syntax there"], source=source) from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error as one line: what is wrong and where (line and column, 1-based)."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return " ".join(str(err).split())
+    mark = err.problem_mark or err.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = " ".join(filter(None, (err.context, err.problem)))
+    return f"{what}{where}"
 
 
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
