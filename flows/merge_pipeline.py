@@ -98,7 +98,7 @@ def merge_pipeline(
         return merge_adapter(parsed, sources, report, out, device, force)
 
     # Holding OUT's lock: plan into a staging folder; merge the shards in parallel (shards already there are skipped)
-    inputs = recipe_inputs(parsed) + [s.path for s in sources if s.path is not None] + [d for d in (cache_dir or settings.HF_CACHE_DIR,) if d]
+    inputs = recipe_inputs(parsed) + [s.path for s in sources if s.path is not None] + [settings.download_cache(cache_dir)]
     with output_lock(out):
         staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force, inputs)
         shard_task = merge_shard.with_options(result_storage=staging.results_dir)

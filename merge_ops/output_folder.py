@@ -7,11 +7,14 @@ caller reuses one. ``--force`` replaces OUT only when OUT (symlinks resolved) ne
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import logging
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +24,8 @@ from merge_ops.errors import OutputExistsError, OutputIsInputError, OutputLocked
 from merge_ops.recipe import Recipe
 
 log = logging.getLogger(__name__)
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 _NO_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded", errno.EFBIG: "the file is larger than the filesystem allows"}
 _NOT_WRITABLE = {errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied", errno.EPERM: "operation not permitted"}
 
@@ -172,7 +177,7 @@ def move_into_place(staging: Path, out_dir: Path, *, force: bool = False, inputs
     out_dir = Path(out_dir).absolute()
     if not (out_dir.exists() or out_dir.is_symlink()):
         try:
-            os.rename(staging, out_dir)  # fails on a non-empty folder or a file that appeared since the check
+            rename_no_replace(staging, out_dir)  # fails on anything that appeared since the check, an empty folder included
         except OSError as err:
             if err.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
                 raise OutputExistsError(str(out_dir)) from None
@@ -188,6 +193,23 @@ def move_into_place(staging: Path, out_dir: Path, *, force: bool = False, inputs
         old.unlink()
     else:
         shutil.rmtree(old)
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target`` atomically, failing with EEXIST if ``target`` exists (Linux ``renameat2`` with
+    ``RENAME_NOREPLACE``); where the kernel or filesystem lacks it, a plain rename, which still refuses a non-empty folder.
+
+    Raises:
+        OSError: EEXIST when ``target`` exists, or the rename's own error.
+    """
+    renameat2 = getattr(_LIBC, "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(code, os.strerror(code), str(target))
+    os.rename(source, target)
 
 
 @contextmanager

@@ -38,6 +38,13 @@ TORCH_THREADS: int = int(os.environ.get("MERGEFLOW_TORCH_THREADS", "1"))
 """MERGEFLOW_TORCH_THREADS: torch threads per shard task (shards already run in parallel)."""
 
 
+def download_cache(cache_dir: Path | None = None) -> Path:
+    """Where downloads are cached: ``cache_dir``, else MERGEFLOW_HF_CACHE, else huggingface_hub's cache (HF_HUB_CACHE / HF_HOME)."""
+    from huggingface_hub import constants
+
+    return Path(cache_dir or HF_CACHE_DIR or constants.HF_HUB_CACHE)
+
+
 def hf_token() -> str | None:
     """The Hub token: HF_TOKEN, else the one saved by ``hf auth login`` (huggingface_hub reads both).
 

@@ -144,6 +144,15 @@ def test_folder_appearing_at_out_during_the_merge_is_kept(models: dict[str, Path
     assert not list(tmp_path.glob(".out.staging-*"))
 
 
+def test_empty_folder_appearing_at_out_is_kept_too(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain rename would replace an empty folder: the final rename refuses anything at OUT (renameat2 RENAME_NOREPLACE)."""
+    recipe, out = write_recipe(tmp_path / "recipes", models), tmp_path / "out"
+    on_finalize(monkeypatch, out.mkdir)
+    code, output = merge_cli(recipe, out)
+    assert code == 1 and f"{out} already exists" in output
+    assert out.is_dir() and list(out.iterdir()) == [] and not list(tmp_path.glob(".out.staging-*"))
+
+
 def test_pipeline_publish_keeps_an_output_that_appeared(models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
     staging = mergeflow.staging.prepare_staging(plan_merge(load_recipe(write_recipe(tmp_path / "recipes", models)), shard_size=20_000), out)
@@ -208,3 +217,22 @@ def test_pipeline_holds_the_lock_and_never_replaces_a_source(prefect_api: str, m
     with pytest.raises(OutputIsInputError, match="cannot be replaced"):
         merge_pipeline(recipe=recipe, out=models["ft_b"], shard_size=20_000, force=True)
     assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_pipeline_never_replaces_huggingface_hubs_default_cache(prefect_api: str, models: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without MERGEFLOW_HF_CACHE the downloads go to huggingface_hub's cache: that folder (or one holding it) is an input too."""
+    from huggingface_hub import constants
+
+    from mergeflow import settings
+
+    cache = tmp_path / "hf-home" / "hub"
+    (cache / "models--org--x").mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(settings, "HF_CACHE_DIR", None)
+    recipe = write_recipe(tmp_path / "recipes", models)
+    before = tree_hashes(tmp_path)
+    with pytest.raises(OutputIsInputError, match="cannot be replaced"):
+        merge_pipeline(recipe=recipe, out=tmp_path / "hf-home", shard_size=20_000, force=True)
+    assert tree_hashes(tmp_path) == before and (cache / "models--org--x").is_dir()
