@@ -1,0 +1,123 @@
+"""A merge never exits 0 with a broken model: non-finite or zero-sum weights, slices of other shapes, other architectures,
+NaN/Inf in the sources or the output, numeric options out of range. Each case: the exit code or exception, the one-line
+message, the inputs unchanged and no OUT written."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
+from merge_ops.errors import RecipeError
+from merge_ops.recipe_file import load_recipe
+from mergeflow.cli import app, console_errors
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One error line stays one line in the captured output."""
+    monkeypatch.setattr(console_errors.console, "width", 1000)
+
+
+@pytest.fixture(scope="module")
+def models(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Copies of the tiny family that the cases below may break (the shared one stays intact whatever they do)."""
+    root = tmp_path_factory.mktemp("guarded")
+    return {k: Path(shutil.copytree(family[k], root / k)) for k in ("base", "ft_a", "ft_b")}
+
+
+def tree_hashes(*folders: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def unchanged(models: dict[str, Path]) -> Iterator[None]:
+    """Every model folder holds the same bytes after the case."""
+    before = tree_hashes(*models.values())
+    yield
+    assert tree_hashes(*models.values()) == before
+
+
+def write_recipe(folder: Path, text: str) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def cli(*args: str | Path) -> tuple[int, str]:
+    """Exit code and the output as one line."""
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def refused_merge(recipe: Path, out: Path, *extra: str) -> str:
+    """`mergeflow merge` of ``recipe`` fails with exit 1, one error line and no OUT, the recipe's folder unchanged; its message."""
+    before = tree_hashes(recipe.parent)
+    code, output = cli("merge", recipe, out, "--shard-size", "20KB", *extra)
+    assert code == 1, output
+    assert output.startswith("error:") and "Traceback" not in output
+    assert not out.exists() and tree_hashes(recipe.parent) == before
+    return output
+
+
+def linear(models: dict[str, Path], weight_a: str, weight_b: str = "0.5", extra: str = "") -> str:
+    return (f"merge_method: linear\nmodels:\n  - model: {models['ft_a']}\n    parameters: {{weight: {weight_a}}}\n"
+            f"  - model: {models['ft_b']}\n    parameters: {{weight: {weight_b}}}\n{extra}")
+
+
+# -- a. weights and parameters must be finite, normalizers non-zero ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("weight", "shown"), [(".nan", "nan"), ("1e400", "'1e400'"), ("1.0e+400", "inf"), ("-.inf", "-inf"), ("[0.2, .inf]", "inf"),
+                                               ("[{filter: mlp, value: .nan}, {value: 0.5}]", "nan")])
+def test_non_finite_weight_is_a_recipe_error(models: dict[str, Path], tmp_path: Path, unchanged: None, weight: str, shown: str) -> None:
+    message = refused_merge(write_recipe(tmp_path, linear(models, weight)), tmp_path / "out")
+    assert f"models[0].parameters.weight: {shown} is not allowed for weight" in message and "Input should be a finite number" in message
+
+
+@pytest.mark.parametrize(("where", "text"), [
+    ("parameters.lambda", "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft_a}\n    parameters: {{weight: 1}}\nparameters: {{lambda: .inf}}\n"),
+    ("slices[0].parameters.scale", "merge_method: passthrough\nslices:\n  - sources: [{{model: {ft_a}, layer_range: [0, 4]}}]\n    parameters: {{scale: -.inf}}\n"),
+    ("slices[0].sources[0].parameters.scale", "merge_method: passthrough\nslices:\n  - sources: [{{model: {ft_a}, layer_range: [0, 4], parameters: {{scale: .nan}}}}]\n"),
+    ("parameters.t", "merge_method: slerp\nbase_model: {base}\nmodels:\n  - model: {ft_a}\nparameters: {{t: [0, .nan]}}\n"),
+])
+def test_non_finite_parameter_anywhere_is_a_recipe_error(models: dict[str, Path], tmp_path: Path, unchanged: None, where: str, text: str) -> None:
+    message = refused_merge(write_recipe(tmp_path, text.format(**models)), tmp_path / "out")
+    assert f"{where}: " in message and "Input should be a finite number" in message
+
+
+def test_non_finite_adapter_weight_is_a_recipe_error(models: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, f"merge_method: linear\noutput: adapter\nmodels:\n  - model: {models['base']}+adapter\n    parameters: {{weight: .inf}}\n")
+    with pytest.raises(RecipeError, match=r"models\[0\]\.parameters\.weight: inf -> a finite number"):
+        load_recipe(recipe)
+
+
+def test_weights_summing_to_zero_with_normalize_are_refused_at_plan_time(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    message = refused_merge(write_recipe(tmp_path, linear(models, "0.5", "-0.5")), tmp_path / "out")
+    assert "weight: 0.5, -0.5 sum to zero for 39 tensor(s) (model.embed_tokens.weight" in message
+    assert "linear divides by their sum while `normalize` is true; change the weights, or set `normalize: false`" in message
+    code, output = cli("plan", tmp_path / "recipe.yaml")
+    assert code == 1 and "sum to zero" in output
+
+
+def test_gradient_weights_summing_to_zero_in_one_layer_are_refused(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    message = refused_merge(write_recipe(tmp_path, linear(models, "[1, 0.5]", "[0, -0.5]")), tmp_path / "out")
+    assert "weight: 0.5, -0.5 sum to zero for 9 tensor(s) (model.layers.3.input_layernorm.weight" in message
+
+
+def test_multislerp_weights_summing_to_zero_are_refused(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    text = linear(models, "1", "-1").replace("merge_method: linear", "merge_method: multislerp")
+    assert "while `normalize_weights` is true" in refused_merge(write_recipe(tmp_path, text), tmp_path / "out")
+
+
+def test_weights_summing_to_zero_without_normalize_merge(models: dict[str, Path], tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, linear(models, "0.5", "-0.5", "parameters: {normalize: false}\n"))
+    code, output = cli("merge", recipe, tmp_path / "out", "--shard-size", "20KB")
+    assert code == 0, output
+    assert list((tmp_path / "out").glob("*.safetensors"))
