@@ -52,7 +52,7 @@ def write_recipe(folder: Path, text: str) -> Path:
 
 def cli(*args: str | Path) -> tuple[int, str]:
     """Exit code and the output as one line."""
-    result = runner.invoke(app, [str(a) for a in args])
+    result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "1000"})  # usage errors on one line, too
     return result.exit_code, " ".join(result.output.split())
 
 
@@ -121,3 +121,34 @@ def test_weights_summing_to_zero_without_normalize_merge(models: dict[str, Path]
     code, output = cli("merge", recipe, tmp_path / "out", "--shard-size", "20KB")
     assert code == 0, output
     assert list((tmp_path / "out").glob("*.safetensors"))
+
+
+# -- e. numeric options are checked before anything runs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("command", "option", "value", "message"), [
+    ("merge", "--shard-size", "-5MB", "'-5MB' is not a size of at least one byte"),
+    ("merge", "--shard-size", "0", "'0' is not a size of at least one byte"),
+    ("merge", "--shard-size", "abc", "'abc' is not a size; write e.g. 5GB"),
+    ("merge", "--shard-size", "infGB", "'infGB' is not a size of at least one byte"),
+    ("merge", "--threads", "0", "greater than or equal to 1"),
+    ("merge", "--threads", "-1", "greater than or equal to 1"),
+    ("plan", "--shard-size", "0.5B", "'0.5B' is not a size of at least one byte"),
+    ("run", "--shard-size", "-1GB", "'-1GB' is not a size of at least one byte"),
+    ("run", "--workers", "0", "greater than or equal to 1"),
+    ("run", "--dask-workers", "-2", "greater than or equal to 0"),
+    ("sweep", "--workers", "-1", "greater than or equal to 1"),
+    ("extract-lora", "--show", "0", "greater than or equal to 1"),
+    ("extract-lora", "--rank", "0", "greater than or equal to 1"),
+])
+def test_numeric_option_out_of_range_is_a_usage_error(models: dict[str, Path], tmp_path: Path, unchanged: None,
+                                                      command: str, option: str, value: str, message: str) -> None:
+    recipe = write_recipe(tmp_path, linear(models, "0.5"))
+    out = tmp_path / "out"
+    args: list[str | Path] = {"plan": [recipe], "sweep": [recipe, "--grid", "weight=0.3,0.6", "--out", out],
+                              "extract-lora": [models["ft_a"], models["base"], out, "--rank", "2"]}.get(command, [recipe, out])
+    before = tree_hashes(tmp_path)
+    code, output = cli(command, *args, option, value)
+    assert code == 2, output
+    assert f"Invalid value for '{option}'" in output and message in output
+    assert not out.exists() and tree_hashes(tmp_path) == before

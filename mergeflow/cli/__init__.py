@@ -27,12 +27,6 @@ from mergeflow.cli.stage import stage_app
 
 app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
 
-ShardSize = Annotated[str, typer.Option("--shard-size", help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
-ComputeDtype = Annotated[
-    str,
-    typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
-]
-
 
 def parse_size(text: str) -> int:
     """``"5GB"`` -> 5000000000."""
@@ -40,6 +34,19 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _size_option(text: str) -> str:
+    """Check a size option as it is read, before the command does anything."""
+    parse_size(text)
+    return text
+
+
+ShardSize = Annotated[str, typer.Option("--shard-size", callback=_size_option, help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
+ComputeDtype = Annotated[
+    str,
+    typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
+]
 
 
 def human(nbytes: float) -> str:
@@ -101,14 +108,14 @@ def merge(
     recipe: Path,
     out: Path,
     shard_size: ShardSize = "5GB",
-    threads: Annotated[int, typer.Option(help="Torch threads for the arithmetic; reading and writing run on another thread.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads for the arithmetic; reading and writing run on another thread.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     compute_dtype: ComputeDtype = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (written atomically); with `output: adapter`, its adapters
     into one adapter folder."""
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads)
     check_device(device)
     loaded = load_recipe(recipe)
     started = time.perf_counter()
@@ -190,7 +197,7 @@ def extract_lora(
     modules_to_save: Annotated[bool, typer.Option("--modules-to-save", help="Store modules with other changed tensors (norms, biases, embeddings without --embeddings) whole.")] = False,
     dtype: Annotated[str | None, typer.Option(help="dtype of the factors: float32, bfloat16 or float16 (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="Where the SVDs run: cpu, cuda or cuda:N.")] = "cpu",
-    show: Annotated[int, typer.Option(help="Rows per table; with more modules, the worst by error.")] = 20,
+    show: Annotated[int, typer.Option(min=1, help="Rows per table; with more modules, the worst by error.")] = 20,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a PEFT LoRA adapter OUT from MODEL - BASE: a truncated SVD of each linear module's task vector, one module at a time.
@@ -234,9 +241,9 @@ def methods() -> None:
 
 # -- the Prefect pipeline: run, check, serve ---------------------------------------------------------
 
-Workers = Annotated[int, typer.Option(help="Shards merged at once by the thread-pool task runner (default MERGEFLOW_WORKERS).")]
+Workers = Annotated[int, typer.Option(min=1, help="Shards merged at once by the thread-pool task runner (default MERGEFLOW_WORKERS).")]
 DaskAddress = Annotated[str | None, typer.Option(help="Run the tasks on this Dask scheduler, e.g. tcp://host:8786 (default MERGEFLOW_DASK_ADDRESS).")]
-DaskWorkers = Annotated[int, typer.Option(help="Run the tasks on a local Dask cluster of N worker processes (default MERGEFLOW_DASK_WORKERS).")]
+DaskWorkers = Annotated[int, typer.Option(min=0, help="Run the tasks on a local Dask cluster of N worker processes (default MERGEFLOW_DASK_WORKERS).")]
 Endpoint = Annotated[str | None, typer.Option(help="Hub URL (default HF_ENDPOINT).")]
 
 
@@ -357,7 +364,7 @@ def sweep(
     recipe: Path,
     grid: Annotated[list[str], typer.Option("--grid", help="KEY=V1,V2,...: merge methods (method=ties,dare_ties) or a recipe parameter's values (density=0.3,0.5); repeat for each key.")],
     out: Annotated[Path | None, typer.Option(help="Folder of the candidates' recipes and merged models (default sweeps/RECIPE-NAME).")] = None,
-    workers: Annotated[int, typer.Option(help="Candidates merged at once.")] = settings.WORKERS,
+    workers: Annotated[int, typer.Option(min=1, help="Candidates merged at once.")] = settings.WORKERS,
     publish: Annotated[str | None, typer.Option(help="Hub repo id: send the best candidate through the gate and publish it there if it passes.")] = None,
     endpoint: Endpoint = None,
     params: Annotated[Path, typer.Option("--params", help="params.yaml with the eval: and gate: sections.")] = settings.PARAMS_FILE,
