@@ -69,6 +69,7 @@ def merge_pipeline(
     endpoint: str | None = None,
     cache_dir: Path | None = None,
     extra_patterns: list[str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> RunSummary:
     """Merge the models of a mergekit-format recipe into the folder ``out``.
 
@@ -81,6 +82,7 @@ def merge_pipeline(
         device: cpu, cuda or cuda:N.
         endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
+        allow_nonfinite: merge sources holding NaN or infinite values and write such results (by default an error).
     """
     # Load the recipe; pin, check, download and check the models again in weight space
     parsed = load_recipe(recipe)
@@ -93,7 +95,7 @@ def merge_pipeline(
     with output_lock(out):
         staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force, inputs)
         shard_task = merge_shard.with_options(result_storage=staging.results_dir)
-        results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
+        results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device), unmapped(allow_nonfinite)).result()
 
         # Finalize (index, config, tokenizer, card), move into place, report
         final = finalize_model(staging, results, force)

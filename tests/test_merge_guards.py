@@ -9,10 +9,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_family import write_model
 from typer.testing import CliRunner
 
 import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
-from merge_ops.errors import RecipeError
+import merge_ops.engine
+from merge_ops.engine import merge_model
+from merge_ops.errors import NonFiniteError, RecipeError
+from merge_ops.finite import nonfinite_count
+from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
 from mergeflow.cli import app, console_errors
 
@@ -50,20 +57,21 @@ def write_recipe(folder: Path, text: str) -> Path:
     return path
 
 
-def cli(*args: str | Path) -> tuple[int, str]:
-    """Exit code and the output as one line."""
+def cli(*args: str | Path, raw: bool = False) -> tuple[int, str]:
+    """Exit code and the output as one line (``raw``: as printed)."""
     result = runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "1000"})  # usage errors on one line, too
-    return result.exit_code, " ".join(result.output.split())
+    return result.exit_code, result.output if raw else " ".join(result.output.split())
 
 
 def refused_merge(recipe: Path, out: Path, *extra: str) -> str:
-    """`mergeflow merge` of ``recipe`` fails with exit 1, one error line and no OUT, the recipe's folder unchanged; its message."""
+    """`mergeflow merge` of ``recipe`` fails with exit 1, the error at the end (after any progress bar), no OUT, the recipe's
+    folder unchanged; the error as one line."""
     before = tree_hashes(recipe.parent)
-    code, output = cli("merge", recipe, out, "--shard-size", "20KB", *extra)
+    code, output = cli("merge", recipe, out, "--shard-size", "20KB", *extra, raw=True)
     assert code == 1, output
-    assert output.startswith("error:") and "Traceback" not in output
+    assert output.count("error:") == 1 and "Traceback" not in output
     assert not out.exists() and tree_hashes(recipe.parent) == before
-    return output
+    return " ".join(output[output.index("error:"):].split())
 
 
 def linear(models: dict[str, Path], weight_a: str, weight_b: str = "0.5", extra: str = "") -> str:
@@ -152,3 +160,64 @@ def test_numeric_option_out_of_range_is_a_usage_error(models: dict[str, Path], t
     assert code == 2, output
     assert f"Invalid value for '{option}'" in output and message in output
     assert not out.exists() and tree_hashes(tmp_path) == before
+
+
+# -- d. NaN and infinity in the sources or the output: an error unless --allow-nonfinite ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def poisoned(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ft_b with two NaN and one -inf in a layer's q_proj."""
+    state = load_file(models["ft_b"] / "model.safetensors")
+    flat = state[POISONED].view(-1)
+    flat[3], flat[40], flat[77] = float("nan"), float("-inf"), float("nan")
+    return write_model(tmp_path_factory.mktemp("poisoned") / "ft_nan", state)
+
+
+POISONED = "model.layers.2.self_attn.q_proj.weight"
+
+
+def test_nan_in_a_source_is_an_error_naming_model_tensor_and_count(models: dict[str, Path], poisoned: Path, tmp_path: Path, unchanged: None) -> None:
+    before = tree_hashes(poisoned)
+    message = refused_merge(write_recipe(tmp_path, linear({**models, "ft_b": poisoned}, "0.5")), tmp_path / "out")
+    assert f"{poisoned}: tensor {POISONED} holds 3 NaN or infinite value(s), which the merged model would carry" in message
+    assert "pass --allow-nonfinite to merge it anyway" in message
+    assert tree_hashes(poisoned) == before
+    assert not list(tmp_path.glob(".*"))  # no staging folder left
+
+
+def test_allow_nonfinite_merges_a_source_with_nan(models: dict[str, Path], poisoned: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, linear({**models, "ft_b": poisoned}, "0.5"))
+    code, output = cli("merge", recipe, tmp_path / "out", "--allow-nonfinite")
+    assert code == 0, output
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert int((~torch.isfinite(merged[POISONED])).sum()) == 3 and bool(torch.isfinite(merged["model.embed_tokens.weight"]).all())
+
+
+def test_output_overflowing_its_dtype_is_an_error(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    text = linear(models, "1e6", "1e6", "parameters: {normalize: false}\ndtype: float16\n")
+    message = refused_merge(write_recipe(tmp_path, text), tmp_path / "out")
+    assert "error: merged tensor model.embed_tokens.weight would hold" in message and "NaN or infinite value(s) from finite inputs" in message
+    assert "pass --allow-nonfinite to write it anyway" in message
+    code, output = cli("merge", tmp_path / "recipe.yaml", tmp_path / "out", "--allow-nonfinite")
+    assert code == 0, output
+
+
+def test_engine_checks_row_blocks_and_names_the_rows(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = load_file(models["ft_a"] / "model.safetensors")
+    state["model.embed_tokens.weight"][50, 5] = float("inf")
+    source = write_model(tmp_path / "ft_inf", state)
+    monkeypatch.setattr(merge_ops.engine, "BLOCK_ELEMENTS", 16 * 16)  # 16 rows of the embedding per block
+    plan = plan_merge(load_recipe(write_recipe(tmp_path, linear({**models, "ft_a": source}, "0.5"))))
+    with pytest.raises(NonFiniteError, match=r"tensor model.embed_tokens.weight holds 1 NaN or infinite value\(s\) in rows 48-63") as caught:
+        merge_model(plan, tmp_path / "out")
+    assert caught.value.model == str(source) and caught.value.count == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_count(dtype: torch.dtype) -> None:
+    values = torch.randn(1000).to(dtype)
+    assert nonfinite_count(values) == 0 and nonfinite_count(torch.arange(5)) == 0 and nonfinite_count(values[:0]) == 0
+    values[[0, 500, 999]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=dtype)
+    assert nonfinite_count(values) == 3 and nonfinite_count(values.view(10, 100)[4:6]) == 1

@@ -43,6 +43,9 @@ def _size_option(text: str) -> str:
 
 
 ShardSize = Annotated[str, typer.Option("--shard-size", callback=_size_option, help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Merge sources holding NaN or infinite values, and write such results (an error by default).")
+]
 ComputeDtype = Annotated[
     str,
     typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
@@ -112,6 +115,7 @@ def merge(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     compute_dtype: ComputeDtype = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_nonfinite: AllowNonfinite = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (written atomically); with `output: adapter`, its adapters
     into one adapter folder."""
@@ -136,7 +140,7 @@ def merge(
             done[0] += piece.completes_tensor
             bar.update(task, advance=piece.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")
 
-        hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded))
+        hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded), allow_nonfinite=allow_nonfinite)
     elapsed = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     summary = Table(title=f"merged into {out}")
@@ -260,6 +264,7 @@ def run(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     endpoint: Endpoint = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_nonfinite: AllowNonfinite = False,
 ) -> None:
     """Run the Prefect pipeline: resolve and check the models, download them, merge the shards in parallel into OUT.
 
@@ -279,7 +284,7 @@ def run(
     with StagingProgress(out, console):
         summary = merge_pipeline.with_options(task_runner=runner)(
             recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
-            force=force, device=device, endpoint=endpoint,
+            force=force, device=device, endpoint=endpoint, allow_nonfinite=allow_nonfinite,
         )
     table = Table(title=f"merged into {summary.out}")
     for column in ("shard", "MB", "seconds", "sha256"):
