@@ -38,7 +38,7 @@ class PreparedSources(NamedTuple):
 
 
 def prepare_sources(
-    recipe: Recipe, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None
+    recipe: Recipe, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None, allow_crimes: bool = False
 ) -> PreparedSources:
     """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local."""
     # Pin every model to a commit (Hub) or a folder (local), downloading nothing
@@ -46,7 +46,7 @@ def prepare_sources(
 
     # Check compatibility from configs and safetensors headers, before any weight is downloaded
     headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
-    report = check_compatibility(recipe, headers)
+    report = check_compatibility(recipe, headers, allow_crimes=allow_crimes)
 
     # Download the weights, then check each model is a fine-tune of the base (an adapter merge needs only the adapters)
     adapters_only = recipe.output == "adapter"
@@ -70,6 +70,7 @@ def merge_pipeline(
     cache_dir: Path | None = None,
     extra_patterns: list[str] | None = None,
     allow_nonfinite: bool = False,
+    allow_crimes: bool = False,
 ) -> RunSummary:
     """Merge the models of a mergekit-format recipe into the folder ``out``.
 
@@ -83,10 +84,11 @@ def merge_pipeline(
         endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
         allow_nonfinite: merge sources holding NaN or infinite values and write such results (by default an error).
+        allow_crimes: merge models of another architecture or model_type than the reference (by default a compatibility problem).
     """
     # Load the recipe; pin, check, download and check the models again in weight space
     parsed = load_recipe(recipe)
-    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns)
+    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns, allow_crimes)
     if parsed.output == "adapter":  # adapters of one base combined into one adapter: their factors only
         return merge_adapter(parsed, sources, report, out, device, force)
 

@@ -327,6 +327,7 @@ def plan_merge(
     shard_size: int = DEFAULT_SHARD_SIZE,
     compute_dtype: str = "float32",
     checked: CompatibilityReport | None = None,
+    allow_crimes: bool = False,
 ) -> MergePlan:
     """Plan a merge from the models' headers: resolve every tensor's inputs and parameters.
 
@@ -339,6 +340,8 @@ def plan_merge(
             ``mergekit`` for the dtype mergekit uses for this method (bit-compatible outputs).
         checked: the ``compatibility_report`` of these models, when the caller made it (the pipeline does, before
             downloading); None makes it here. The plan trusts it: names and shapes are not checked twice.
+        allow_crimes: when making the report here, models of another architecture or model_type than the reference are
+            merged (``compatibility_report``).
 
     Raises:
         RecipeError, ModelNotFoundError, IncompatibleModelsError (every problem of the compatibility report).
@@ -350,7 +353,7 @@ def plan_merge(
     method = get_method(recipe.merge_method)
     given = read_models(recipe) if models is None else models
     models = {ref.key: given[ref.key] for ref in recipe.referenced_models}
-    (checked or compatibility_report(recipe, models)).raise_for_problems()
+    (checked or compatibility_report(recipe, models, allow_crimes=allow_crimes)).raise_for_problems()
     slices = _slices(recipe, method, models)
     config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key
     tokenizer_from = _tokenizer_source(recipe, config_from)

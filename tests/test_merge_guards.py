@@ -4,6 +4,7 @@ message, the inputs unchanged and no OUT written."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,19 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_family import write_model
+from tiny_family import CONFIG, base_state, write_model
 from typer.testing import CliRunner
 
 import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
 import merge_ops.engine
 from merge_ops.engine import merge_model
-from merge_ops.errors import NonFiniteError, RecipeError
+from merge_ops.errors import IncompatibleModelsError, NonFiniteError, RecipeError
 from merge_ops.finite import nonfinite_count
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
 from mergeflow.cli import app, console_errors
 
 runner = CliRunner()
+WIDE = {**CONFIG, "hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 4}
+"""A tiny Llama twice as wide as the family."""
 
 
 @pytest.fixture(autouse=True)
@@ -221,3 +224,38 @@ def test_nonfinite_count(dtype: torch.dtype) -> None:
     assert nonfinite_count(values) == 0 and nonfinite_count(torch.arange(5)) == 0 and nonfinite_count(values[:0]) == 0
     values[[0, 500, 999]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=dtype)
     assert nonfinite_count(values) == 3 and nonfinite_count(values.view(10, 100)[4:6]) == 1
+
+
+# -- c. another architecture or model_type: an error in merge as in check, unless --allow-crimes --------------------------
+
+
+@pytest.fixture(scope="module")
+def mistral(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ft_b's weights labelled as a Mistral model."""
+    folder = Path(shutil.copytree(models["ft_b"], tmp_path_factory.mktemp("crimes") / "ft_mistral"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}))
+    return folder
+
+
+def test_other_architecture_is_an_error_unless_allow_crimes(models: dict[str, Path], mistral: Path, tmp_path: Path, unchanged: None) -> None:
+    before = tree_hashes(mistral)
+    recipe = write_recipe(tmp_path, linear({**models, "ft_b": mistral}, "0.5"))
+    message = refused_merge(recipe, tmp_path / "out")
+    assert (f"{mistral}: architectures is ['MistralForCausalLM'], the reference {models['ft_a']} has ['LlamaForCausalLM']; merge models of one "
+            "architecture, or pass --allow-crimes to merge them anyway") in message
+    assert f"{mistral}: model_type is 'mistral', the reference {models['ft_a']} has 'llama'" in message
+    code, output = cli("plan", recipe)
+    assert code == 1 and "--allow-crimes" in output
+    code, output = cli("merge", recipe, tmp_path / "out", "--allow-crimes")
+    assert code == 0, output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert tree_hashes(mistral) == before
+
+
+def test_allow_crimes_does_not_allow_other_shapes(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    wide = write_model(tmp_path / "wide", base_state(config=WIDE), config=WIDE)
+    recipe = load_recipe(write_recipe(tmp_path, linear({**models, "ft_b": wide}, "0.5")))
+    with pytest.raises(IncompatibleModelsError, match=r"hidden_size is 32, the reference .* has 16") as caught:
+        plan_merge(recipe, allow_crimes=True)
+    assert not any("allow-crimes" in m for m in caught.value.mismatches)

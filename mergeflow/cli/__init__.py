@@ -46,6 +46,9 @@ ShardSize = Annotated[str, typer.Option("--shard-size", callback=_size_option, h
 AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Merge sources holding NaN or infinite values, and write such results (an error by default).")
 ]
+AllowCrimes = Annotated[
+    bool, typer.Option("--allow-crimes", help="Merge models of another architecture or model_type than the reference (mergekit's flag); shapes must still agree.")
+]
 ComputeDtype = Annotated[
     str,
     typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
@@ -60,8 +63,8 @@ def human(nbytes: float) -> str:
     return ""
 
 
-def _plan(recipe: Recipe, shard_size: str, compute_dtype: str) -> MergePlan:
-    return plan_merge(recipe, shard_size=parse_size(shard_size), compute_dtype=compute_dtype)
+def _plan(recipe: Recipe, shard_size: str, compute_dtype: str, allow_crimes: bool) -> MergePlan:
+    return plan_merge(recipe, shard_size=parse_size(shard_size), compute_dtype=compute_dtype, allow_crimes=allow_crimes)
 
 
 def _show_adapter_plan(plan: AdapterMergePlan) -> None:
@@ -85,14 +88,14 @@ def _show_adapter_plan(plan: AdapterMergePlan) -> None:
 
 @app.command()
 @friendly_errors
-def plan(recipe: Path, shard_size: ShardSize = "5GB", compute_dtype: ComputeDtype = "float32") -> None:
+def plan(recipe: Path, shard_size: ShardSize = "5GB", compute_dtype: ComputeDtype = "float32", allow_crimes: AllowCrimes = False) -> None:
     """Show what a recipe will do: shards, tensor count, bytes to read and write, expected peak memory
     (for `output: adapter`: modules, ranks and bytes)."""
     loaded = load_recipe(recipe)
     if loaded.output == "adapter":
         _show_adapter_plan(plan_adapter_merge(loaded))
         return
-    merge_plan = _plan(loaded, shard_size, compute_dtype)
+    merge_plan = _plan(loaded, shard_size, compute_dtype, allow_crimes)
     table = Table(title=f"{merge_plan.method} merge of {len(merge_plan.sources)} model(s), {merge_plan.num_layers} layers")
     for column in ("shard", "tensors", "bytes"):
         table.add_column(column, justify="right" if column != "shard" else "left")
@@ -116,6 +119,7 @@ def merge(
     compute_dtype: ComputeDtype = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_nonfinite: AllowNonfinite = False,
+    allow_crimes: AllowCrimes = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (written atomically); with `output: adapter`, its adapters
     into one adapter folder."""
@@ -130,7 +134,7 @@ def merge(
                         f"r {adapter_plan.config['r']}, {human(adapter_plan.total_size)} written in {time.perf_counter() - started:.1f} s\n"
                         f"adapter_model.safetensors sha256 {digest}")
         return
-    merge_plan = _plan(loaded, shard_size, compute_dtype)
+    merge_plan = _plan(loaded, shard_size, compute_dtype, allow_crimes)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"merging ({merge_plan.method})", total=merge_plan.total_size, tensors="")
@@ -265,6 +269,7 @@ def run(
     endpoint: Endpoint = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     allow_nonfinite: AllowNonfinite = False,
+    allow_crimes: AllowCrimes = False,
 ) -> None:
     """Run the Prefect pipeline: resolve and check the models, download them, merge the shards in parallel into OUT.
 
@@ -284,7 +289,7 @@ def run(
     with StagingProgress(out, console):
         summary = merge_pipeline.with_options(task_runner=runner)(
             recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
-            force=force, device=device, endpoint=endpoint, allow_nonfinite=allow_nonfinite,
+            force=force, device=device, endpoint=endpoint, allow_nonfinite=allow_nonfinite, allow_crimes=allow_crimes,
         )
     table = Table(title=f"merged into {summary.out}")
     for column in ("shard", "MB", "seconds", "sha256"):
