@@ -316,6 +316,27 @@ def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference:
     return found
 
 
+def _stacked_shape_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference: str) -> list[Finding]:
+    """Slice recipes stack layers of several models into one: each slice's layers must have the shapes of the reference's
+    layers (where those agree with each other), or the merged model does not load with the reference's config."""
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+    for layer in _layers(headers[reference]).values():
+        for rest, tensor in layer.items():
+            shapes.setdefault(rest, set()).add(tensor.shape)
+    expected = {rest: found.pop() for rest, found in shapes.items() if len(found) == 1}
+    findings = []
+    for number, sl in enumerate(recipe.slices or []):
+        source = _slice_reference(sl, reference)
+        layers = _layers(headers[source.model.key])
+        differ = [f"layers.{j}.{rest} {list(t.shape)} vs {list(expected[rest])}" for j in range(*source.layer_range)
+                  for rest, t in layers.get(j, {}).items() if rest in expected and t.shape != expected[rest]]
+        if differ:
+            findings.append(Finding(severity="problem", model=source.model.key, check="tensor_shapes", message=(
+                f"slices[{number}]: {len(differ)} layer tensor(s) have other shapes than the layers of {reference}, whose config the merged "
+                f"model takes, so it would not load: {_names(differ)}; stack layers of models of one shape")))
+    return findings
+
+
 def _layer_findings(h: ModelHeaders) -> list[Finding]:
     """The decoder layers found in the tensor names must be the ones config.json counts, or slices and ``t`` would be wrong."""
     try:
@@ -459,7 +480,7 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders], *, al
             findings += _config_findings(ref, h, allow_crimes=allow_crimes) + _vocabulary_findings(ref, h, _policy(recipe))
             findings += _tensor_findings(ref, h, tied=True) if recipe.slices is None else []
     if recipe.slices is not None:
-        findings += _multimodal_slice_findings(headers) + _slice_findings(recipe, headers, reference)
+        findings += _multimodal_slice_findings(headers) + _slice_findings(recipe, headers, reference) + _stacked_shape_findings(recipe, headers, reference)
     findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers) + _adapter_findings(recipe, headers)
     findings += [f for h in headers.values() for f in _layer_findings(h)]
     return CompatibilityReport(method=recipe.merge_method, reference=reference, models=summaries, findings=findings)

@@ -259,3 +259,36 @@ def test_allow_crimes_does_not_allow_other_shapes(models: dict[str, Path], tmp_p
     with pytest.raises(IncompatibleModelsError, match=r"hidden_size is 32, the reference .* has 16") as caught:
         plan_merge(recipe, allow_crimes=True)
     assert not any("allow-crimes" in m for m in caught.value.mismatches)
+
+
+# -- b. slices must agree on shapes ------------------------------------------------------------------------------------------
+
+
+def frankenmerge(first: Path, second: Path) -> str:
+    return (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {first}, layer_range: [0, 2]}}]\n"
+            f"  - sources: [{{model: {second}, layer_range: [2, 4]}}]\n")
+
+
+def test_slices_of_models_of_other_hidden_sizes_are_refused(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    wide = write_model(tmp_path / "wide", base_state(config=WIDE), config=WIDE)
+    message = refused_merge(write_recipe(tmp_path, frankenmerge(models["base"], wide)), tmp_path / "out")
+    assert f"{wide}: hidden_size is 32, the reference {models['base']} has 16" in message
+    assert (f"{wide}: slices[1]: 18 layer tensor(s) have other shapes than the layers of {models['base']}, whose config the merged model takes, so it "
+            "would not load: layers.2.input_layernorm.weight [32] vs [16]") in message
+
+
+def test_slices_whose_layers_differ_behind_the_same_config_are_refused_at_plan_time(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    lying = write_model(tmp_path / "mlp48", base_state(config={**CONFIG, "intermediate_size": 48}), config=CONFIG)  # config says 32
+    recipe = load_recipe(write_recipe(tmp_path, frankenmerge(models["base"], lying)))
+    with pytest.raises(IncompatibleModelsError, match=r"1 mismatch") as caught:
+        plan_merge(recipe, allow_crimes=True)
+    assert caught.value.mismatches == [
+        f"{lying}: slices[1]: 6 layer tensor(s) have other shapes than the layers of {models['base']}, whose config the merged model takes, so it would "
+        "not load: layers.2.mlp.down_proj.weight [16, 48] vs [16, 32], layers.2.mlp.gate_proj.weight [48, 16] vs [32, 16], layers.2.mlp.up_proj.weight "
+        "[48, 16] vs [32, 16], layers.3.mlp.down_proj.weight [16, 48] vs [16, 32], layers.3.mlp.gate_proj.weight [48, 16] vs [32, 16], and 1 more; "
+        "stack layers of models of one shape"]
+
+
+def test_slices_of_one_shape_from_two_models_merge(models: dict[str, Path], tmp_path: Path) -> None:
+    code, output = cli("merge", write_recipe(tmp_path, frankenmerge(models["ft_a"], models["ft_b"])), tmp_path / "out")
+    assert code == 0, output
