@@ -292,3 +292,16 @@ def test_slices_whose_layers_differ_behind_the_same_config_are_refused_at_plan_t
 def test_slices_of_one_shape_from_two_models_merge(models: dict[str, Path], tmp_path: Path) -> None:
     code, output = cli("merge", write_recipe(tmp_path, frankenmerge(models["ft_a"], models["ft_b"])), tmp_path / "out")
     assert code == 0, output
+
+
+@pytest.mark.slow
+def test_run_refuses_other_architectures_and_nan_unless_allowed(prefect_api: str, models: dict[str, Path], mistral: Path, poisoned: Path,
+                                                                tmp_path: Path, unchanged: None) -> None:
+    for name, source, flag, message in [("crimes", mistral, "--allow-crimes", "pass --allow-crimes to merge them anyway"),
+                                        ("nan", poisoned, "--allow-nonfinite", f"tensor {POISONED} holds 3 NaN or infinite value(s)")]:
+        (tmp_path / name).mkdir()
+        recipe, out = write_recipe(tmp_path / name, linear({**models, "ft_b": source}, "0.5")), tmp_path / f"out-{name}"
+        code, output = cli("run", recipe, out, "--shard-size", "20KB")
+        assert code == 1 and message in output and not out.exists(), output
+        code, output = cli("run", recipe, out, "--shard-size", "20KB", flag)
+        assert code == 0 and list(out.glob("*.safetensors")), output
