@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from merge_ops.errors import DeviceError, NonFiniteError
+from merge_ops.errors import DeviceError, MethodError, NonFiniteError
 from merge_ops.finite import nonfinite_count
 from merge_ops.lora import apply_lora
 from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
@@ -161,7 +161,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
     try:
         result: torch.Tensor = method(inputs, base, **kwargs)
     except ValueError as err:
-        raise ValueError(f"{plan.method} failed on tensor {job.name}: {err}") from err
+        raise MethodError(f"{plan.method} failed on tensor {job.name}: {err}") from err
     return result.to(dtype=out_dtype, device="cpu")
 
 

@@ -78,6 +78,10 @@ class CorruptModelError(MergeflowError, ValueError):
         super().__init__(f"{file}: {problem}; {fix}")
 
 
+class MethodError(MergeflowError, ValueError):
+    """A merge method cannot merge one tensor with the recipe's parameters (e.g. multislerp's directions cancel out)."""
+
+
 class NonFiniteError(MergeflowError, ValueError):
     """A tensor a merge reads (``model`` set) or would write holds NaN or infinite values."""
 

@@ -305,3 +305,12 @@ def test_run_refuses_other_architectures_and_nan_unless_allowed(prefect_api: str
         assert code == 1 and message in output and not out.exists(), output
         code, output = cli("run", recipe, out, "--shard-size", "20KB", flag)
         assert code == 0 and list(out.glob("*.safetensors")), output
+
+
+def test_a_method_refusing_a_tensor_is_a_one_line_error(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    state = load_file(models["ft_a"] / "model.safetensors")  # ft_a, -ft_a and zeros: their directions sum to zero
+    opposite, zeros = write_model(tmp_path / "opposite", {n: -t for n, t in state.items()}), write_model(tmp_path / "zeros", {n: 0 * t for n, t in state.items()})
+    three = linear({**models, "ft_b": opposite}, "1", "1") + f"  - model: {zeros}\n    parameters: {{weight: 1}}\n"
+    text = three.replace("merge_method: linear", "merge_method: multislerp")
+    message = refused_merge(write_recipe(tmp_path, text), tmp_path / "out")
+    assert "error: multislerp failed on tensor" in message and "the weighted directions of the models cancel out" in message
