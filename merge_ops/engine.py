@@ -128,9 +128,10 @@ class InputReader:
         pairs = iter(zip(factors[::2], factors[1::2], strict=True))  # (A, B) of each LoRA source, in order
         direct = self.cast if self.device.type == "cpu" and job.vocabulary is None else None  # adapted weights made in the compute dtype
         tensors = [apply_lora(t, s.lora, next(pairs), piece.rows, direct) if s.lora else t for t, s in zip(tensors, sources, strict=True)]
-        for tensor, source in zip(tensors, sources, strict=True) if self.check_finite else ():
-            if count := nonfinite_count(tensor):
-                raise NonFiniteError(source.name, count, model=source.model, rows=piece.rows)
+        if self.check_finite:
+            for tensor, source in zip(tensors, sources, strict=True):
+                if count := nonfinite_count(tensor):
+                    raise NonFiniteError(source.name, count, model=source.model, rows=piece.rows)
         if job.vocabulary is not None:  # in the dtype the inputs are loaded in, before any cast to the compute dtype (as mergekit)
             tensors = line_up(tensors, job.vocabulary)
         tensors = [t if s.lora and direct is not None and t.is_floating_point() else self._prepare(t) for t, s in zip(tensors, sources, strict=True)]
