@@ -165,6 +165,19 @@ def test_numeric_option_out_of_range_is_a_usage_error(models: dict[str, Path], t
     assert not out.exists() and tree_hashes(tmp_path) == before
 
 
+def test_max_error_nan_is_a_usage_error(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    code, output = cli("extract-lora", models["ft_a"], models["base"], tmp_path / "out", "--max-error", "nan")
+    assert code == 2 and "Invalid value for --max-error: nan is not in [0, 1)" in output and not (tmp_path / "out").exists()
+
+
+def test_sweep_grid_of_non_finite_values_is_refused_before_merging(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    recipe = write_recipe(tmp_path, linear(models, "0.5"))
+    before = tree_hashes(tmp_path)
+    code, output = cli("sweep", recipe, "--grid", "weight=nan,0.5", "--out", tmp_path / "sweep")
+    assert code == 1 and "linear-weight_nan: parameters.weight: nan is not allowed for weight" in output and "finite number" in output
+    assert not (tmp_path / "sweep").exists() and tree_hashes(tmp_path) == before
+
+
 # -- d. NaN and infinity in the sources or the output: an error unless --allow-nonfinite ----------------------------------
 
 
