@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from merge_ops.errors import DeviceError, MethodError, NonFiniteError
-from merge_ops.finite import nonfinite_count
+from merge_ops.errors import DeviceError, MethodError
+from merge_ops.finite import check_finite
 from merge_ops.lora import apply_lora
 from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.methods.registry import get_method
@@ -130,8 +130,7 @@ class InputReader:
         tensors = [apply_lora(t, s.lora, next(pairs), piece.rows, direct) if s.lora else t for t, s in zip(tensors, sources, strict=True)]
         if self.check_finite:
             for tensor, source in zip(tensors, sources, strict=True):
-                if count := nonfinite_count(tensor):
-                    raise NonFiniteError(source.name, count, model=source.model, rows=piece.rows)
+                check_finite(tensor, source.name, model=source.model, rows=piece.rows)
         if job.vocabulary is not None:  # in the dtype the inputs are loaded in, before any cast to the compute dtype (as mergekit)
             tensors = line_up(tensors, job.vocabulary)
         tensors = [t if s.lora and direct is not None and t.is_floating_point() else self._prepare(t) for t, s in zip(tensors, sources, strict=True)]
@@ -201,8 +200,8 @@ def merge_shard(
                 reads.append(reader.submit(read, pieces[i + READ_AHEAD]))
             result = merge_tensor(plan, piece.job, inputs, base)
             del inputs, base
-            if not allow_nonfinite and (count := nonfinite_count(result)):
-                raise NonFiniteError(piece.job.name, count, rows=piece.rows)
+            if not allow_nonfinite:
+                check_finite(result, piece.job.name, rows=piece.rows)
             if len(writes) == WRITE_BEHIND:
                 writes.popleft().result()
             writes.append(writer_thread.submit(writer.write, piece.job.name, result))

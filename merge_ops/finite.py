@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from merge_ops.errors import NonFiniteError
+
 
 def nonfinite_count(tensor: torch.Tensor) -> int:
     """How many entries of ``tensor`` are NaN or infinite (0 for integer tensors).
@@ -22,3 +24,18 @@ def nonfinite_count(tensor: torch.Tensor) -> int:
     if math.isfinite(low.item()) and math.isfinite(high.item()):
         return 0
     return int(tensor.numel() - torch.isfinite(tensor).sum().item())
+
+
+def check_finite(tensor: torch.Tensor, name: str, *, model: str | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``tensor``, if it holds no NaN or infinity.
+
+    Args:
+        tensor, name: the tensor (or the block ``rows`` of it) and its name.
+        model: the model it was read from; None for a tensor the merge made.
+
+    Raises:
+        NonFiniteError: naming the model (or the merge), the tensor and how many values are not finite.
+    """
+    if count := nonfinite_count(tensor):
+        raise NonFiniteError(name, count, model=model, rows=rows)
+    return tensor

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_family import CONFIG, base_state, write_model
+from safetensors.torch import load_file, save_file
+from tiny_family import CONFIG, base_state, make_adapter, write_model
 from typer.testing import CliRunner
 
 import flows.merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import: with the real stderr, not CliRunner's)
@@ -327,3 +327,16 @@ def test_a_method_refusing_a_tensor_is_a_one_line_error(models: dict[str, Path],
     text = three.replace("merge_method: linear", "merge_method: multislerp")
     message = refused_merge(write_recipe(tmp_path, text), tmp_path / "out")
     assert "error: multislerp failed on tensor" in message and "the weighted directions of the models cancel out" in message
+
+
+def test_nan_in_an_adapter_is_an_error_unless_allowed(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
+    adapter = make_adapter(models["base"], tmp_path / "adapter", 7, target_modules=["q_proj", "v_proj"])
+    factors = load_file(adapter / "adapter_model.safetensors")
+    name = next(n for n in factors if "lora_A" in n)
+    factors[name][0, :2] = float("nan")
+    save_file(factors, adapter / "adapter_model.safetensors")
+    text = f"merge_method: linear\noutput: adapter\nmodels:\n  - model: {models['base']}+{adapter}\n    parameters: {{weight: 1.0}}\n"
+    message = refused_merge(write_recipe(tmp_path, text), tmp_path / "out")
+    assert f"{models['base']}+{adapter}: tensor {name} holds 2 NaN or infinite value(s)" in message
+    code, output = cli("merge", tmp_path / "recipe.yaml", tmp_path / "out", "--allow-nonfinite")
+    assert code == 0, output

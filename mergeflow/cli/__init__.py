@@ -129,7 +129,7 @@ def merge(
     started = time.perf_counter()
     if loaded.output == "adapter":
         adapter_plan = plan_adapter_merge(loaded)
-        digest = merge_adapters(adapter_plan, out, device=device, force=force, inputs=recipe_inputs(loaded))
+        digest = merge_adapters(adapter_plan, out, device=device, force=force, inputs=recipe_inputs(loaded), allow_nonfinite=allow_nonfinite)
         Console().print(f"merged {len(adapter_plan.adapters)} adapter(s) ({adapter_plan.combination}) into {out}: {len(adapter_plan.modules)} modules, "
                         f"r {adapter_plan.config['r']}, {human(adapter_plan.total_size)} written in {time.perf_counter() - started:.1f} s\n"
                         f"adapter_model.safetensors sha256 {digest}")
