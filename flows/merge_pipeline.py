@@ -90,7 +90,7 @@ def merge_pipeline(
     parsed = load_recipe(recipe)
     sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns, allow_crimes)
     if parsed.output == "adapter":  # adapters of one base combined into one adapter: their factors only
-        return merge_adapter(parsed, sources, report, out, device, force)
+        return merge_adapter(parsed, sources, report, out, device, force, allow_nonfinite)
 
     # Holding OUT's lock: plan into a staging folder; merge the shards in parallel (shards already there are skipped)
     inputs = recipe_inputs(parsed) + [s.path for s in sources if s.path is not None] + [d for d in (cache_dir or settings.HF_CACHE_DIR,) if d]

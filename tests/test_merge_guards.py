@@ -309,11 +309,13 @@ def test_slices_of_one_shape_from_two_models_merge(models: dict[str, Path], tmp_
 
 @pytest.mark.slow
 def test_run_refuses_other_architectures_and_nan_unless_allowed(prefect_api: str, models: dict[str, Path], mistral: Path, poisoned: Path,
-                                                                tmp_path: Path, unchanged: None) -> None:
+                                                                nan_adapter: tuple[Path, str], tmp_path: Path, unchanged: None) -> None:
     for name, source, flag, message in [("crimes", mistral, "--allow-crimes", "pass --allow-crimes to merge them anyway"),
-                                        ("nan", poisoned, "--allow-nonfinite", f"tensor {POISONED} holds 3 NaN or infinite value(s)")]:
+                                        ("nan", poisoned, "--allow-nonfinite", f"tensor {POISONED} holds 3 NaN or infinite value(s)"),
+                                        ("adapter", nan_adapter[0], "--allow-nonfinite", f"tensor {nan_adapter[1]} holds 2 NaN or infinite value(s)")]:
         (tmp_path / name).mkdir()
-        recipe, out = write_recipe(tmp_path / name, linear({**models, "ft_b": source}, "0.5")), tmp_path / f"out-{name}"
+        text = adapter_recipe(models["base"], source) if name == "adapter" else linear({**models, "ft_b": source}, "0.5")
+        recipe, out = write_recipe(tmp_path / name, text), tmp_path / f"out-{name}"
         code, output = cli("run", recipe, out, "--shard-size", "20KB")
         assert code == 1 and message in output and not out.exists(), output
         code, output = cli("run", recipe, out, "--shard-size", "20KB", flag)
@@ -329,14 +331,26 @@ def test_a_method_refusing_a_tensor_is_a_one_line_error(models: dict[str, Path],
     assert "error: multislerp failed on tensor" in message and "the weighted directions of the models cancel out" in message
 
 
-def test_nan_in_an_adapter_is_an_error_unless_allowed(models: dict[str, Path], tmp_path: Path, unchanged: None) -> None:
-    adapter = make_adapter(models["base"], tmp_path / "adapter", 7, target_modules=["q_proj", "v_proj"])
+@pytest.fixture(scope="module")
+def nan_adapter(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A LoRA adapter of the base with two NaN in one lora_A factor; the adapter and that factor's name."""
+    adapter = make_adapter(models["base"], tmp_path_factory.mktemp("nan_adapter") / "adapter", 7, target_modules=["q_proj", "v_proj"])
     factors = load_file(adapter / "adapter_model.safetensors")
     name = next(n for n in factors if "lora_A" in n)
     factors[name][0, :2] = float("nan")
     save_file(factors, adapter / "adapter_model.safetensors")
-    text = f"merge_method: linear\noutput: adapter\nmodels:\n  - model: {models['base']}+{adapter}\n    parameters: {{weight: 1.0}}\n"
-    message = refused_merge(write_recipe(tmp_path, text), tmp_path / "out")
+    return adapter, name
+
+
+def adapter_recipe(base: Path, adapter: Path) -> str:
+    return f"merge_method: linear\noutput: adapter\nmodels:\n  - model: {base}+{adapter}\n    parameters: {{weight: 1.0}}\n"
+
+
+def test_nan_in_an_adapter_is_an_error_unless_allowed(models: dict[str, Path], nan_adapter: tuple[Path, str], tmp_path: Path, unchanged: None) -> None:
+    adapter, name = nan_adapter
+    before = tree_hashes(adapter)
+    message = refused_merge(write_recipe(tmp_path, adapter_recipe(models["base"], adapter)), tmp_path / "out")
     assert f"{models['base']}+{adapter}: tensor {name} holds 2 NaN or infinite value(s)" in message
+    assert tree_hashes(adapter) == before
     code, output = cli("merge", tmp_path / "recipe.yaml", tmp_path / "out", "--allow-nonfinite")
     assert code == 0, output
