@@ -354,3 +354,14 @@ def test_nan_in_an_adapter_is_an_error_unless_allowed(models: dict[str, Path], n
     assert tree_hashes(adapter) == before
     code, output = cli("merge", tmp_path / "recipe.yaml", tmp_path / "out", "--allow-nonfinite")
     assert code == 0, output
+
+
+def test_a_refused_forced_merge_keeps_the_existing_output(models: dict[str, Path], poisoned: Path, tmp_path: Path, unchanged: None) -> None:
+    out = tmp_path / "out"
+    code, output = cli("merge", write_recipe(tmp_path, linear(models, "0.5")), out)
+    assert code == 0, output
+    before = tree_hashes(out)
+    write_recipe(tmp_path, linear({**models, "ft_b": poisoned}, "0.5"))
+    code, output = cli("merge", tmp_path / "recipe.yaml", out, "--force")
+    assert code == 1 and f"tensor {POISONED} holds 3 NaN or infinite value(s)" in output
+    assert tree_hashes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.yaml"]  # no staging folder left
