@@ -44,6 +44,7 @@ def pin_sources(recipe: Recipe, endpoint: str | None) -> list[Source]:
 
 def prepare_sources(
     recipe: Recipe, endpoint: str | None, cache_dir: Path | None, extra_patterns: list[str] | None = None, pinned: list[Source] | None = None,
+    allow_crimes: bool = False,
 ) -> PreparedSources:
     """The tasks every merge starts with, inside the calling flow: the recipe's models, checked and local.
 
@@ -53,7 +54,7 @@ def prepare_sources(
 
     # Check compatibility from configs and safetensors headers, before any weight is downloaded
     headers = read_model_headers.map(resolved, unmapped(endpoint), unmapped(cache_dir)).result()
-    report = check_compatibility(recipe, headers)
+    report = check_compatibility(recipe, headers, allow_crimes=allow_crimes)
 
     # Download the weights, then check each model is a fine-tune of the base (an adapter merge needs only the adapters)
     adapters_only = recipe.output == "adapter"
@@ -77,6 +78,8 @@ def merge_pipeline(
     cache_dir: Path | None = None,
     extra_patterns: list[str] | None = None,
     pinned: list[Source] | None = None,
+    allow_nonfinite: bool = False,
+    allow_crimes: bool = False,
 ) -> RunSummary:
     """Merge the models of a mergekit-format recipe into the folder ``out``.
 
@@ -90,19 +93,21 @@ def merge_pipeline(
         endpoint: Hub URL (default HF_ENDPOINT); cache_dir: download cache (default MERGEFLOW_HF_CACHE).
         extra_patterns: more files to download, e.g. ``["*.bin"]`` (never downloaded otherwise).
         pinned: the recipe's models already pinned (``pin_sources``): merged at these commits instead of resolving them again.
+        allow_nonfinite: merge sources holding NaN or infinite values and write such results (by default an error).
+        allow_crimes: merge models of another architecture or model_type than the reference (by default a compatibility problem).
     """
     # Load the recipe; pin, check, download and check the models again in weight space
     parsed = load_recipe(recipe)
-    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns, pinned)
+    sources, headers, report = prepare_sources(parsed, endpoint, cache_dir, extra_patterns, pinned, allow_crimes)
     if parsed.output == "adapter":  # adapters of one base combined into one adapter: their factors only
-        return merge_adapter(parsed, sources, report, out, device, force)
+        return merge_adapter(parsed, sources, report, out, device, force, allow_nonfinite)
 
     # Holding OUT's lock: plan into a staging folder; merge the shards in parallel (shards already there are skipped)
     inputs = recipe_inputs(parsed) + [s.path for s in sources if s.path is not None] + [settings.download_cache(cache_dir)]
     with output_lock(out):
         staging = plan_shards(parsed, headers, sources, report, out, shard_size, compute_dtype, force, inputs)
         shard_task = merge_shard.with_options(result_storage=staging.results_dir)
-        results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device)).result()
+        results = shard_task.map(unmapped(staging), range(len(staging.shard_files)), unmapped(device), unmapped(allow_nonfinite)).result()
 
         # Finalize (index, config, tokenizer, card), move into place, report
         final = finalize_model(staging, results, force)

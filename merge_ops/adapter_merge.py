@@ -33,6 +33,7 @@ from safetensors import safe_open
 
 from merge_ops.adapter_combination import COMBINATIONS, CombinationOptions, combine_module
 from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, RecipeError
+from merge_ops.finite import check_finite
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, module_scale, read_adapter_headers
 from merge_ops.output_folder import staged_output
 from merge_ops.recipe import ModelRef, Recipe
@@ -322,7 +323,9 @@ def _model_card(plan: AdapterMergePlan) -> str:
             f"## Adapters merged\n\n{listed}\n{recipe}")
 
 
-def merge_adapters(plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, inputs: Iterable[Path] = ()) -> str:
+def merge_adapters(
+    plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, inputs: Iterable[Path] = (), allow_nonfinite: bool = False,
+) -> str:
     """Write the merged adapter folder (``adapter_config.json``, ``adapter_model.safetensors``, ``README.md``),
     module by module, and move it to ``out_dir`` when complete; returns the safetensors file's sha256.
 
@@ -330,6 +333,7 @@ def merge_adapters(plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu"
         OutputExistsError: ``out_dir`` exists and ``force`` is not set.
         OutputIsInputError: ``force`` is set and ``out_dir`` is or contains an adapter or one of ``inputs``.
         OutputLockedError: another merge is writing ``out_dir``.
+        NonFiniteError: an adapter's factor, or a merged one, holds NaN or infinite values (unless ``allow_nonfinite``).
 
     Example:
         digest = merge_adapters(plan_adapter_merge(recipe), Path("out/merged-adapter"))
@@ -339,15 +343,24 @@ def merge_adapters(plan: AdapterMergePlan, out_dir: Path, *, device: str = "cpu"
         (n, plan.dtype, s) for m in plan.modules for n, s in ((m.a, (m.rank, m.in_features)), (m.b, (m.out_features, m.rank)))
     ]
     sources = [a.folder for a in plan.adapters] + list(inputs)
+
+    def read(adapter: int, name: str) -> torch.Tensor:
+        factor = handles[adapter].get_tensor(name)
+        return factor if allow_nonfinite else check_finite(factor, name, model=plan.adapters[adapter].key)
+
+    def written(name: str, factor: torch.Tensor) -> torch.Tensor:
+        factor = factor.to(DTYPES[plan.dtype]).cpu().contiguous()
+        return factor if allow_nonfinite else check_finite(factor, name)
+
     with staged_output(out_dir, force=force, inputs=sources) as staging, ExitStack() as files:
         handles = [files.enter_context(safe_open(a.folder / ADAPTER_WEIGHTS, framework="pt")) for a in plan.adapters]
         with StreamingSafetensorsWriter(staging / ADAPTER_WEIGHTS, specs) as writer:
             for module in plan.modules:
-                factors = [(handles[s.adapter].get_tensor(s.a).to(dev, torch.float32), handles[s.adapter].get_tensor(s.b).to(dev, torch.float32),
-                            s.scale, plan.adapters[s.adapter].weight) for s in module.inputs]
+                factors = [(read(s.adapter, s.a).to(dev, torch.float32), read(s.adapter, s.b).to(dev, torch.float32), s.scale, plan.adapters[s.adapter].weight)
+                           for s in module.inputs]
                 a, b = combine_module(module.name, factors, combination, plan.options, rank=module.rank, seed=plan.seed)
-                writer.write(module.a, a.to(DTYPES[plan.dtype]).cpu().contiguous())
-                writer.write(module.b, b.to(DTYPES[plan.dtype]).cpu().contiguous())
+                writer.write(module.a, written(module.a, a))
+                writer.write(module.b, written(module.b, b))
         (staging / ADAPTER_CONFIG).write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(_model_card(plan))
     return writer.sha256

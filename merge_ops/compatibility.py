@@ -24,6 +24,8 @@ from merge_ops.vocabulary import VocabularyDifference, vocabulary_difference, vo
 
 SHAPE_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_head", "n_inner")
 """Config keys that fix tensor shapes; any difference is reported on its own, before the tensors it explains."""
+CRIMES = ("architectures", "model_type")
+"""Config keys whose difference ``allow_crimes`` (mergekit's ``--allow-crimes``) turns from a problem into a warning."""
 SUB_CONFIGS = ("text_config", "vision_config")
 """Parts of a multimodal config.json whose shape keys are compared as well (``text_config.hidden_size``)."""
 EXAMPLES = 5
@@ -138,12 +140,22 @@ def _config_value(config: dict[str, Any], key: str) -> Any:
     return part.get(name) if isinstance(part, dict) else None
 
 
-def _config_findings(ref: ModelHeaders, other: ModelHeaders) -> list[Finding]:
+def _config_findings(ref: ModelHeaders, other: ModelHeaders, *, allow_crimes: bool | None = None) -> list[Finding]:
+    """Architecture, model_type and the shape-fixing keys of ``other`` against ``ref``: problems, except another architecture or
+    model_type with ``allow_crimes`` (a warning: the merged model takes the reference's config); None: problems that do not
+    mention the flag (the caller has none)."""
     found = []
     for key in ("architectures", "model_type", *SHAPE_KEYS, *(f"{sub}.{k}" for sub in SUB_CONFIGS for k in SHAPE_KEYS)):
         want, got = _config_value(ref.config, key), _config_value(other.config, key)
-        if want != got:
-            found.append(Finding(severity="problem", model=other.key, check="config", message=f"{key} is {got!r}, the reference {ref.key} has {want!r}"))
+        if want == got:
+            continue
+        message = f"{key} is {got!r}, the reference {ref.key} has {want!r}"
+        severity: Severity = "problem"
+        if key in CRIMES and allow_crimes is not None:
+            severity = "warning" if allow_crimes else "problem"
+            message += ("; merged anyway (--allow-crimes), the output takes the reference's config" if allow_crimes else
+                        "; merge models of one architecture, or pass --allow-crimes to merge them anyway (the output takes the reference's config)")
+        found.append(Finding(severity=severity, model=other.key, check="config", message=message))
     return found
 
 
@@ -304,6 +316,27 @@ def _slice_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference:
     return found
 
 
+def _stacked_shape_findings(recipe: Recipe, headers: dict[str, ModelHeaders], reference: str) -> list[Finding]:
+    """Slice recipes stack layers of several models into one: each slice's layers must have the shapes of the reference's
+    layers (where those agree with each other), or the merged model does not load with the reference's config."""
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+    for layer in _layers(headers[reference]).values():
+        for rest, tensor in layer.items():
+            shapes.setdefault(rest, set()).add(tensor.shape)
+    expected = {rest: found.pop() for rest, found in shapes.items() if len(found) == 1}
+    findings = []
+    for number, sl in enumerate(recipe.slices or []):
+        source = _slice_reference(sl, reference)
+        layers = _layers(headers[source.model.key])
+        differ = [f"layers.{j}.{rest} {list(t.shape)} vs {list(expected[rest])}" for j in range(*source.layer_range)
+                  for rest, t in layers.get(j, {}).items() if rest in expected and t.shape != expected[rest]]
+        if differ:
+            findings.append(Finding(severity="problem", model=source.model.key, check="tensor_shapes", message=(
+                f"slices[{number}]: {len(differ)} layer tensor(s) have other shapes than the layers of {reference}, whose config the merged "
+                f"model takes, so it would not load: {_names(differ)}; stack layers of models of one shape")))
+    return findings
+
+
 def _layer_findings(h: ModelHeaders) -> list[Finding]:
     """The decoder layers found in the tensor names must be the ones config.json counts, or slices and ``t`` would be wrong."""
     try:
@@ -425,12 +458,14 @@ def _adapter_findings(recipe: Recipe, headers: dict[str, ModelHeaders]) -> list[
     return found
 
 
-def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> CompatibilityReport:
+def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders], *, allow_crimes: bool = False) -> CompatibilityReport:
     """Check that the recipe's models can be merged, from their headers only.
 
     Args:
         recipe: the validated recipe.
         headers: ref key -> ``ModelHeaders`` for every model the recipe references.
+        allow_crimes: another architecture or model_type than the reference's is a warning, not a problem (the run's choice,
+            mergekit's ``--allow-crimes``); tensor names and shapes must still agree.
 
     Example:
         >>> report = compatibility_report(recipe, {ref.key: read_local_headers(ref.key, Path(ref.path)) for ref in recipe.referenced_models})
@@ -442,10 +477,10 @@ def compatibility_report(recipe: Recipe, headers: dict[str, ModelHeaders]) -> Co
     findings: list[Finding] = []
     for key, h in headers.items():
         if key != reference:
-            findings += _config_findings(ref, h) + _vocabulary_findings(ref, h, _policy(recipe))
+            findings += _config_findings(ref, h, allow_crimes=allow_crimes) + _vocabulary_findings(ref, h, _policy(recipe))
             findings += _tensor_findings(ref, h, tied=True) if recipe.slices is None else []
     if recipe.slices is not None:
-        findings += _multimodal_slice_findings(headers) + _slice_findings(recipe, headers, reference)
+        findings += _multimodal_slice_findings(headers) + _slice_findings(recipe, headers, reference) + _stacked_shape_findings(recipe, headers, reference)
     findings += _dtype_findings(recipe, summaries) + _declared_base_findings(recipe, headers) + _adapter_findings(recipe, headers)
     findings += [f for h in headers.values() for f in _layer_findings(h)]
     return CompatibilityReport(method=recipe.merge_method, reference=reference, models=summaries, findings=findings)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from merge_ops.errors import DeviceError
+from merge_ops.errors import DeviceError, MethodError
+from merge_ops.finite import check_finite
 from merge_ops.lora import apply_lora
 from merge_ops.memory import freeze_long_lived_objects, reuse_freed_memory
 from merge_ops.methods.registry import get_method
@@ -116,6 +117,8 @@ class InputReader:
     device: torch.device
     factors: TensorBlocks = field(default_factory=TensorBlocks)
     """The LoRA factors of the current tensor's ``BASE+ADAPTER`` sources, loaded once for all its row blocks."""
+    check_finite: bool = True
+    """Raise NonFiniteError for a source block holding NaN or infinite values (one min/max pass, which also faults the pages in)."""
 
     def __call__(self, piece: Piece) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         job = piece.job
@@ -126,6 +129,9 @@ class InputReader:
         pairs = iter(zip(factors[::2], factors[1::2], strict=True))  # (A, B) of each LoRA source, in order
         direct = self.cast if self.device.type == "cpu" and job.vocabulary is None else None  # adapted weights made in the compute dtype
         tensors = [apply_lora(t, s.lora, next(pairs), piece.rows, direct) if s.lora else t for t, s in zip(tensors, sources, strict=True)]
+        if self.check_finite:
+            for tensor, source in zip(tensors, sources, strict=True):
+                check_finite(tensor, source.name, model=source.model, rows=piece.rows)
         if job.vocabulary is not None:  # in the dtype the inputs are loaded in, before any cast to the compute dtype (as mergekit)
             tensors = line_up(tensors, job.vocabulary)
         tensors = [t if s.lora and direct is not None and t.is_floating_point() else self._prepare(t) for t, s in zip(tensors, sources, strict=True)]
@@ -156,7 +162,7 @@ def merge_tensor(plan: MergePlan, job: TensorJob, inputs: list[torch.Tensor], ba
     try:
         result: torch.Tensor = method(inputs, base, **kwargs)
     except ValueError as err:
-        raise ValueError(f"{plan.method} failed on tensor {job.name}: {err}") from err
+        raise MethodError(f"{plan.method} failed on tensor {job.name}: {err}") from err
     return result.to(dtype=out_dtype, device="cpu")
 
 
@@ -164,10 +170,15 @@ def _report(progress: Progress, piece: Piece, _: Future[None]) -> None:
     progress(piece)
 
 
-def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cpu", progress: Progress | None = None) -> str:
+def merge_shard(
+    plan: MergePlan, index: int, out_dir: Path, *, device: str = "cpu", progress: Progress | None = None, allow_nonfinite: bool = False,
+) -> str:
     """Write shard ``index`` of ``plan`` into ``out_dir`` atomically and return its sha256.
 
     Reading the next pieces' inputs and writing finished results overlap the arithmetic.
+
+    Raises:
+        NonFiniteError: an input block, or a result, holds NaN or infinite values (unless ``allow_nonfinite``); nothing is left of the shard.
     """
     dev = check_device(device)
     reuse_freed_memory()
@@ -176,7 +187,7 @@ def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cp
     pieces = split_into_pieces(plan, index)
     specs = [(t.name, t.dtype, t.shape) for t in shard.tensors]
     method = get_method(plan.method)
-    read = InputReader(TensorBlocks(), None if method.upcasts else torch_dtype(plan.compute_dtype), dev)
+    read = InputReader(TensorBlocks(), None if method.upcasts else torch_dtype(plan.compute_dtype), dev, check_finite=not allow_nonfinite)
     with (  # closed in reverse: the writer thread is done before the file is finished or dropped
         ThreadPoolExecutor(max_workers=1) as reader,
         StreamingSafetensorsWriter(Path(out_dir) / shard.file, specs) as writer,
@@ -191,6 +202,8 @@ def merge_shard(plan: MergePlan, index: int, out_dir: Path, *, device: str = "cp
                 reads.append(reader.submit(read, pieces[i + READ_AHEAD]))
             result = merge_tensor(plan, piece.job, inputs, base)
             del inputs, base
+            if not allow_nonfinite:
+                check_finite(result, piece.job.name, rows=piece.rows)
             if len(writes) == WRITE_BEHIND:
                 writes.popleft().result()
             writes.append(writer_thread.submit(writer.write, piece.job.name, result))
@@ -211,14 +224,15 @@ def finalize(plan: MergePlan, out_dir: Path) -> None:
 
 def merge_model(
     plan: MergePlan, out_dir: Path, *, device: str = "cpu", force: bool = False, progress: Progress | None = None, inputs: Iterable[Path] = (),
+    allow_nonfinite: bool = False,
 ) -> dict[str, str]:
     """Merge every shard into a staging folder and move it to ``out_dir`` when complete.
 
     Returns shard file -> sha256. ``out_dir`` never holds a partial model; ``force`` never replaces a folder that is or
-    contains the plan's models or one of ``inputs`` (the recipe, adapters). Errors as ``staged_output``.
+    contains the plan's models or one of ``inputs`` (the recipe, adapters). Errors as ``staged_output``; NonFiniteError as ``merge_shard``.
     """
     sources = [Path(p) for p in plan.sources.values()] + list(inputs)
     with staged_output(out_dir, force=force, inputs=sources) as staging:
-        hashes = {s.file: merge_shard(plan, i, staging, device=device, progress=progress) for i, s in enumerate(plan.shards)}
+        hashes = {s.file: merge_shard(plan, i, staging, device=device, progress=progress, allow_nonfinite=allow_nonfinite) for i, s in enumerate(plan.shards)}
         finalize(plan, staging)
     return hashes

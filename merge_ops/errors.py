@@ -84,3 +84,22 @@ class OutputWriteError(MergeflowError, OSError):
     def __init__(self, path: str, reason: str, fix: str) -> None:
         self.path = path
         super().__init__(f"cannot write {path}: {reason}; {fix}")
+
+
+class MethodError(MergeflowError, ValueError):
+    """A merge method cannot merge one tensor with the recipe's parameters (e.g. multislerp's directions cancel out)."""
+
+
+class NonFiniteError(MergeflowError, ValueError):
+    """A tensor a merge reads (``model`` set) or would write holds NaN or infinite values."""
+
+    def __init__(self, tensor: str, count: int, *, model: str | None = None, rows: tuple[int, int] | None = None) -> None:
+        self.tensor, self.count, self.model = tensor, count, model
+        where = f" in rows {rows[0]}-{rows[1] - 1}" if rows else ""
+        if model is not None:
+            text = (f"{model}: tensor {tensor} holds {count} NaN or infinite value(s){where}, which the merged model would carry; "
+                    "fix or replace the model, or pass --allow-nonfinite to merge it anyway")
+        else:
+            text = (f"merged tensor {tensor} would hold {count} NaN or infinite value(s){where} from finite inputs (the recipe's weights or "
+                    "parameters overflowed its dtype); change them, or pass --allow-nonfinite to write it anyway")
+        super().__init__(text)

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE = 5 * 10**9
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "mergekit")
+ZERO_SUM = 1e-6
+"""Weights sum to zero when the sum is at most this fraction of their magnitudes' sum: dividing by it gives NaN or garbage."""
 MERGEKIT_FLOAT32_METHODS = ("linear", "slerp")
 """mergekit 0.1.5 computes these in float32 and every other method in the recipe's ``dtype``."""
 
@@ -127,6 +129,11 @@ class _Slice:
     parameters: Parameters
 
 
+def sums_to_zero(weights: list[float]) -> bool:
+    """Whether dividing by ``sum(weights)`` would divide by (about) zero: ``[0.5, -0.5]``, ``[0, 0]``, ``[0.1, 0.2, -0.3]``."""
+    return abs(sum(weights)) <= ZERO_SUM * sum(abs(w) for w in weights)
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """The per-tensor random seed: a function of (recipe seed, tensor name) only."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
@@ -174,6 +181,8 @@ class _Planner:
     def __init__(self, recipe: Recipe, method: MergeMethod, models: dict[str, ModelHeaders], vocabularies: Vocabularies | None) -> None:
         self.recipe, self.method, self.models, self.vocabularies = recipe, method, models, vocabularies
         self.problems: list[str] = []
+        self.zero_sums: dict[tuple[float, ...], list[str]] = {}
+        """Weights that sum to zero under a normalizing method -> the tensors they apply to."""
         out = recipe.out_dtype or recipe.dtype
         self.out_dtype = DTYPE_NAMES[getattr(torch, out)] if out else None
 
@@ -212,6 +221,9 @@ class _Planner:
                 self.problems.append(f"{name}: {err}")
                 continue
             resolved[pname] = values if param.per_model else values[0]
+        flag = self.method.normalized_by
+        if flag and resolved.get(flag) and "weight" in resolved and sums_to_zero(resolved["weight"]):
+            self.zero_sums.setdefault(tuple(resolved["weight"]), []).append(name)
         return TensorJob(
             name=name,
             dtype=self.out_dtype or found[0][1].dtype,
@@ -239,6 +251,12 @@ class _Planner:
         except RecipeError as err:
             self.problems += err.problems
             return None
+
+    def zero_sum_problem(self, weights: tuple[float, ...], names: list[str]) -> str:
+        flag = self.method.normalized_by
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return (f"weight: {', '.join(f'{w:g}' for w in weights)} sum to zero for {len(names)} tensor(s) ({shown}), and {self.method.name} divides by "
+                f"their sum while `{flag}` is true; change the weights, or set `{flag}: false`")
 
     def jobs(self, slices: list[_Slice]) -> tuple[list[TensorJob], list[tuple[str, int]]]:
         def reference(sl: _Slice) -> ModelHeaders:
@@ -272,6 +290,7 @@ class _Planner:
                     members = [(ref, layer_tensor_name(prefix, start + j, rest), p) for ref, (start, _), p in sl.sources]
                     jobs.append(self.job(layer_tensor_name(prefix, out_layer, rest), members, sl.parameters, layer_position(j, length)))
         jobs += outside_layers(slices[-1], pre=False)
+        self.problems += [self.zero_sum_problem(weights, names) for weights, names in self.zero_sums.items()]
         if self.problems:
             raise RecipeError(self.problems)
         return [j for j in jobs if j is not None], origins
@@ -308,6 +327,7 @@ def plan_merge(
     shard_size: int = DEFAULT_SHARD_SIZE,
     compute_dtype: str = "float32",
     checked: CompatibilityReport | None = None,
+    allow_crimes: bool = False,
 ) -> MergePlan:
     """Plan a merge from the models' headers: resolve every tensor's inputs and parameters.
 
@@ -320,6 +340,8 @@ def plan_merge(
             ``mergekit`` for the dtype mergekit uses for this method (bit-compatible outputs).
         checked: the ``compatibility_report`` of these models, when the caller made it (the pipeline does, before
             downloading); None makes it here. The plan trusts it: names and shapes are not checked twice.
+        allow_crimes: when making the report here, models of another architecture or model_type than the reference are
+            merged (``compatibility_report``).
 
     Raises:
         RecipeError, ModelNotFoundError, IncompatibleModelsError (every problem of the compatibility report).
@@ -331,7 +353,7 @@ def plan_merge(
     method = get_method(recipe.merge_method)
     given = read_models(recipe) if models is None else models
     models = {ref.key: given[ref.key] for ref in recipe.referenced_models}
-    (checked or compatibility_report(recipe, models)).raise_for_problems()
+    (checked or compatibility_report(recipe, models, allow_crimes=allow_crimes)).raise_for_problems()
     slices = _slices(recipe, method, models)
     config_from = recipe.base_model.key if recipe.base_model else slices[0].sources[0][0].key
     tokenizer_from = _tokenizer_source(recipe, config_from)

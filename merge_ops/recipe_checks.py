@@ -3,6 +3,7 @@ PEFT's combination types)."""
 from __future__ import annotations
 
 import logging
+import math
 
 from pydantic import ValidationError
 
@@ -137,6 +138,8 @@ def _adapter_model_problems(recipe: Recipe) -> list[str]:
             problems.append(f"models[{j}].parameters.weight: required: a number, the adapter's share (negative subtracts it)")
         elif isinstance(weight, bool) or not isinstance(weight, (int, float)):
             problems.append(f"models[{j}].parameters.weight: {weight!r} -> one number (gradients and filters do not apply to adapter merges)")
+        elif not math.isfinite(weight):
+            problems.append(f"models[{j}].parameters.weight: {weight!r} -> a finite number (not NaN or infinite), the adapter's share")
     return problems
 
 

@@ -18,18 +18,19 @@ from mergeflow.staging import ShardResult
 
 def merge_adapter_output(
     recipe: Recipe, sources: list[Source], report: CompatibilityReport, out: Path, *, device: str = "cpu", force: bool = False, started_at: float,
+    allow_nonfinite: bool = False,
 ) -> RunSummary:
     """Combine the adapters of ``sources`` (downloaded) as ``recipe`` says into the folder ``out``, written atomically.
 
     Raises:
         OutputExistsError: ``out`` exists and ``force`` is not set.
-        OutputIsInputError, OutputLockedError: from ``merge_adapters``.
+        OutputIsInputError, OutputLockedError, NonFiniteError: from ``merge_adapters``.
         RecipeError, ModelNotFoundError, IncompatibleModelsError: from ``plan_adapter_merge``.
     """
     plan = plan_adapter_merge(recipe, {s.key: s.adapter.path for s in sources if s.adapter and s.adapter.path})
     started = time.time()
     inputs = recipe_inputs(recipe) + [s.path for s in sources if s.path is not None]
-    digest = merge_adapters(plan, out, device=device, force=force, inputs=inputs)
+    digest = merge_adapters(plan, out, device=device, force=force, inputs=inputs, allow_nonfinite=allow_nonfinite)
     seconds = time.time() - started
     written = ShardResult(index=0, file=ADAPTER_WEIGHTS, sha256=digest, nbytes=(Path(out) / ADAPTER_WEIGHTS).stat().st_size, started=started, seconds=seconds)
     return RunSummary(

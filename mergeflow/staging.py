@@ -135,12 +135,12 @@ def plan_into_staging(
     return prepare_staging(plan, out, force=force, inputs=inputs)
 
 
-def merge_shard_file(plan_path: Path, index: int, staging_dir: Path, *, device: str = "cpu") -> ShardResult:
+def merge_shard_file(plan_path: Path, index: int, staging_dir: Path, *, device: str = "cpu", allow_nonfinite: bool = False) -> ShardResult:
     """Write shard ``index`` of the plan at ``plan_path`` into ``staging_dir`` (atomically)."""
     plan = MergePlan.model_validate_json(Path(plan_path).read_text())
     started = time.time()
     with output_write_errors(out_of_staging_dir(staging_dir)):
-        digest = merge_plan_shard(plan, index, staging_dir, device=device)
+        digest = merge_plan_shard(plan, index, staging_dir, device=device, allow_nonfinite=allow_nonfinite)
     return ShardResult(index=index, file=plan.shards[index].file, sha256=digest, nbytes=plan.shards[index].nbytes,
                        started=started, seconds=time.time() - started)
 

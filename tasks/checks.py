@@ -14,9 +14,9 @@ from tasks.retries import LOCAL
 
 
 @task(name="check_compatibility", **LOCAL)
-def check_compatibility(recipe: Recipe, headers: list[ModelHeaders], stop_on_problems: bool = True) -> CompatibilityReport:
+def check_compatibility(recipe: Recipe, headers: list[ModelHeaders], stop_on_problems: bool = True, allow_crimes: bool = False) -> CompatibilityReport:
     """Compare the models' headers; the report becomes an artifact; a problem stops the flow unless told otherwise."""
-    report = compatibility_report(recipe, {h.key: h for h in headers})
+    report = compatibility_report(recipe, {h.key: h for h in headers}, allow_crimes=allow_crimes)
     create_markdown_artifact(report.markdown(), key="compatibility-report", description="Can these models be merged?")
     for finding in report.findings:
         get_run_logger().log(30 if finding.severity != "note" else 20, "%s: %s", finding.severity, finding)

@@ -44,10 +44,10 @@ def _shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 
 
 @task(name="merge_shard", task_run_name="merge-shard-{index}", cache_key_fn=_shard_key, persist_result=True)
-def merge_shard(staging: Staging, index: int, device: str = "cpu") -> ShardResult:
+def merge_shard(staging: Staging, index: int, device: str = "cpu", allow_nonfinite: bool = False) -> ShardResult:
     """Merge one output shard into the staging folder (cached by plan hash and index, so reruns skip it)."""
     torch.set_num_threads(settings.TORCH_THREADS)
-    result = merge_shard_file(staging.plan_path, index, staging.dir, device=device)
+    result = merge_shard_file(staging.plan_path, index, staging.dir, device=device, allow_nonfinite=allow_nonfinite)
     get_run_logger().info("%s: %.1f MB in %.1f s (%.0f MB/s)", result.file, result.nbytes / 1e6, result.seconds, result.nbytes / 1e6 / max(result.seconds, 1e-9))
     return result
 

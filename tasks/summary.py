@@ -40,9 +40,11 @@ def summarize_run(recipe: Recipe, sources: list[Source], report: CompatibilityRe
 
 
 @task(name="merge_adapter", **LOCAL)
-def merge_adapter(recipe: Recipe, sources: list[Source], report: CompatibilityReport, out: Path, device: str = "cpu", force: bool = False) -> RunSummary:
+def merge_adapter(
+    recipe: Recipe, sources: list[Source], report: CompatibilityReport, out: Path, device: str = "cpu", force: bool = False, allow_nonfinite: bool = False,
+) -> RunSummary:
     """Combine the downloaded adapters into one adapter folder at ``out`` (``output: adapter``); the run summary artifact."""
-    summary = merge_adapter_output(recipe, sources, report, out, device=device, force=force, started_at=_flow_started())
+    summary = merge_adapter_output(recipe, sources, report, out, device=device, force=force, started_at=_flow_started(), allow_nonfinite=allow_nonfinite)
     create_markdown_artifact(summary.markdown(report), key="merge-summary", description=f"adapter merge into {out}")
     get_run_logger().info("merged %d adapters into %s (%s): %.1f MB in %.1f s", len(summary.sources) - 1, out, recipe.merge_method,
                           summary.total_size / 1e6, summary.merge_seconds)

@@ -18,13 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Generic, Literal, TypeVar, cast, get_args, get_origin
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 BaseUse = Literal["required", "optional", "none"]
 REQUIRED: Any = inspect.Parameter.empty
 _INJECTED = ("tensors", "base", "generator", "dtype", "out_dtype")
 
 T = TypeVar("T")
+_FINITE = ConfigDict(allow_inf_nan=False)
+"""Recipe numbers must be finite: ``.nan``, ``.inf`` or ``1e400`` would make every merged value NaN or infinite."""
 
 
 class _PerModelMarker:
@@ -73,9 +75,9 @@ class MethodParam:
         return self.default is REQUIRED
 
     def check(self, value: Any) -> Any:
-        """Validate one scalar value; raises ValueError naming what is allowed."""
+        """Validate one scalar value (numbers must be finite: no NaN or infinity); raises ValueError naming what is allowed."""
         try:
-            return TypeAdapter(self.value_type).validate_python(value, strict=False)
+            return TypeAdapter(self.value_type, config=_FINITE).validate_python(value, strict=False)
         except ValidationError as err:
             reason = "; ".join(e["msg"] for e in err.errors())
             raise ValueError(f"{value!r} is not allowed for {self.name} ({self.describe()}): {reason}") from None
@@ -113,6 +115,9 @@ class MergeMethod:
     max_models: int | None
     elementwise: bool
     summary: str
+    normalized_by: str | None = None
+    """The bool parameter that, when true, makes the function divide by the sum of ``weight`` (the plan refuses weights
+    summing to zero then)."""
 
     @property
     def gets_base(self) -> bool:
@@ -131,6 +136,7 @@ def merge_method(
     max_models: int | None = None,
     elementwise: bool = False,
     summary: str | None = None,
+    normalized_by: str | None = None,
 ) -> Callable[[Callable[..., Any]], MergeMethod]:
     """Turn a plain function into a MergeMethod, reading its parameters from the signature.
 
@@ -143,6 +149,8 @@ def merge_method(
         elementwise: each output element depends only on the same element of each input, so the
             engine may merge a large tensor in row blocks (bit-identical, less memory).
         summary: the one-line description; by default the first paragraph of the docstring.
+        normalized_by: the bool parameter that makes the function divide by the sum of its ``weight`` values, so that
+            the plan refuses, per tensor, weights that sum to (about) zero while it is true.
     """
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
@@ -157,11 +165,13 @@ def merge_method(
             default = p.default.value if isinstance(p.default, _Each) else p.default
             recipe_name = p.name.rstrip("_")
             params[recipe_name] = MethodParam(recipe_name, p.name, value_type, default, per_model)
+        if normalized_by is not None and not {normalized_by, "weight"} <= set(params):
+            raise TypeError(f"{name}: normalized_by={normalized_by!r} needs a `{normalized_by}` and a `weight` parameter")
         doc = summary or (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
         injected = signature.parameters
         return MergeMethod(
             name, fn, base, params, "generator" in injected, "dtype" in injected, "out_dtype" in injected,
-            min_models, max_models, elementwise, doc,
+            min_models, max_models, elementwise, doc, normalized_by,
         )
 
     return wrap

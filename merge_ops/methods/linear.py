@@ -6,7 +6,7 @@ from torch import Tensor
 from merge_ops.methods.declaration import PerModel, merge_method
 
 
-@merge_method("linear", base="none", elementwise=True)
+@merge_method("linear", base="none", elementwise=True, normalized_by="normalize")
 def linear(tensors: list[Tensor], base: Tensor | None, *, weight: PerModel[float], normalize: bool = True) -> Tensor:
     """Weighted sum of the models, divided by the sum of weights when ``normalize``."""
     mixed = tensors[0] * weight[0]

@@ -7,7 +7,7 @@ from torch import Tensor
 from merge_ops.methods.declaration import NonNegative, PerModel, merge_method
 
 
-@merge_method("multislerp", base="optional", min_models=1)
+@merge_method("multislerp", base="optional", min_models=1, normalized_by="normalize_weights")
 def multislerp(
     tensors: list[Tensor], base: Tensor | None, *, weight: PerModel[float], normalize_weights: bool = True, eps: NonNegative = 1e-8
 ) -> Tensor:

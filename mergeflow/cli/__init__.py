@@ -28,12 +28,6 @@ from mergeflow.cli.stage import stage_app
 
 app = typer.Typer(help="Merge fine-tuned LLMs that share a base, reproducibly.", no_args_is_help=True, add_completion=False)
 
-ShardSize = Annotated[str, typer.Option("--shard-size", help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
-ComputeDtype = Annotated[
-    str,
-    typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
-]
-
 
 def parse_size(text: str) -> int:
     """``"5GB"`` -> 5000000000."""
@@ -41,6 +35,25 @@ def parse_size(text: str) -> int:
         return sizes.parse_size(text)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+
+
+def _size_option(text: str) -> str:
+    """Check a size option as it is read, before the command does anything."""
+    parse_size(text)
+    return text
+
+
+ShardSize = Annotated[str, typer.Option("--shard-size", callback=_size_option, help="Maximum output shard size, e.g. 5GB, 500MB, 2GiB.")]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Merge sources holding NaN or infinite values, and write such results (an error by default).")
+]
+AllowCrimes = Annotated[
+    bool, typer.Option("--allow-crimes", help="Merge models of another architecture or model_type than the reference (mergekit's flag); shapes must still agree.")
+]
+ComputeDtype = Annotated[
+    str,
+    typer.Option("--compute-dtype", help="Arithmetic dtype: float32 (default), bfloat16, float16, or mergekit (the dtype mergekit uses for the method)."),
+]
 
 
 def human(nbytes: float) -> str:
@@ -51,8 +64,8 @@ def human(nbytes: float) -> str:
     return ""
 
 
-def _plan(recipe: Recipe, shard_size: str, compute_dtype: str) -> MergePlan:
-    return plan_merge(recipe, shard_size=parse_size(shard_size), compute_dtype=compute_dtype)
+def _plan(recipe: Recipe, shard_size: str, compute_dtype: str, allow_crimes: bool) -> MergePlan:
+    return plan_merge(recipe, shard_size=parse_size(shard_size), compute_dtype=compute_dtype, allow_crimes=allow_crimes)
 
 
 def _show_adapter_plan(plan: AdapterMergePlan) -> None:
@@ -76,14 +89,14 @@ def _show_adapter_plan(plan: AdapterMergePlan) -> None:
 
 @app.command()
 @friendly_errors
-def plan(recipe: Path, shard_size: ShardSize = "5GB", compute_dtype: ComputeDtype = "float32") -> None:
+def plan(recipe: Path, shard_size: ShardSize = "5GB", compute_dtype: ComputeDtype = "float32", allow_crimes: AllowCrimes = False) -> None:
     """Show what a recipe will do: shards, tensor count, bytes to read and write, expected peak memory
     (for `output: adapter`: modules, ranks and bytes)."""
     loaded = load_recipe(recipe)
     if loaded.output == "adapter":
         _show_adapter_plan(plan_adapter_merge(loaded))
         return
-    merge_plan = _plan(loaded, shard_size, compute_dtype)
+    merge_plan = _plan(loaded, shard_size, compute_dtype, allow_crimes)
     table = Table(title=f"{merge_plan.method} merge of {len(merge_plan.sources)} model(s), {merge_plan.num_layers} layers")
     for column in ("shard", "tensors", "bytes"):
         table.add_column(column, justify="right" if column != "shard" else "left")
@@ -102,25 +115,27 @@ def merge(
     recipe: Path,
     out: Path,
     shard_size: ShardSize = "5GB",
-    threads: Annotated[int, typer.Option(help="Torch threads for the arithmetic; reading and writing run on another thread.")] = 1,
+    threads: Annotated[int, typer.Option(min=1, help="Torch threads for the arithmetic; reading and writing run on another thread.")] = 1,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     compute_dtype: ComputeDtype = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_nonfinite: AllowNonfinite = False,
+    allow_crimes: AllowCrimes = False,
 ) -> None:
     """Merge the models of RECIPE into the folder OUT (written atomically); with `output: adapter`, its adapters
     into one adapter folder."""
-    torch.set_num_threads(max(1, threads))
+    torch.set_num_threads(threads)
     check_device(device)
     loaded = load_recipe(recipe)
     started = time.perf_counter()
     if loaded.output == "adapter":
         adapter_plan = plan_adapter_merge(loaded)
-        digest = merge_adapters(adapter_plan, out, device=device, force=force, inputs=recipe_inputs(loaded))
+        digest = merge_adapters(adapter_plan, out, device=device, force=force, inputs=recipe_inputs(loaded), allow_nonfinite=allow_nonfinite)
         Console().print(f"merged {len(adapter_plan.adapters)} adapter(s) ({adapter_plan.combination}) into {out}: {len(adapter_plan.modules)} modules, "
                         f"r {adapter_plan.config['r']}, {human(adapter_plan.total_size)} written in {time.perf_counter() - started:.1f} s\n"
                         f"adapter_model.safetensors sha256 {digest}")
         return
-    merge_plan = _plan(loaded, shard_size, compute_dtype)
+    merge_plan = _plan(loaded, shard_size, compute_dtype, allow_crimes)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TextColumn("{task.fields[tensors]}"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(f"merging ({merge_plan.method})", total=merge_plan.total_size, tensors="")
@@ -131,7 +146,7 @@ def merge(
             bar.update(task, advance=piece.nbytes, tensors=f"{done[0]}/{merge_plan.tensor_count} tensors")
 
         try:
-            hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded))
+            hashes = merge_model(merge_plan, out, device=device, force=force, progress=advance, inputs=recipe_inputs(loaded), allow_nonfinite=allow_nonfinite)
         except KeyboardInterrupt:
             raise Interrupted(f"nothing was written to {out} (its staging folder is removed)") from None
     elapsed = time.perf_counter() - started
@@ -194,7 +209,7 @@ def extract_lora(
     modules_to_save: Annotated[bool, typer.Option("--modules-to-save", help="Store modules with other changed tensors (norms, biases, embeddings without --embeddings) whole.")] = False,
     dtype: Annotated[str | None, typer.Option(help="dtype of the factors: float32, bfloat16 or float16 (default: the model's).")] = None,
     device: Annotated[str, typer.Option(help="Where the SVDs run: cpu, cuda or cuda:N.")] = "cpu",
-    show: Annotated[int, typer.Option(help="Rows per table; with more modules, the worst by error.")] = 20,
+    show: Annotated[int, typer.Option(min=1, help="Rows per table; with more modules, the worst by error.")] = 20,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
 ) -> None:
     """Write a PEFT LoRA adapter OUT from MODEL - BASE: a truncated SVD of each linear module's task vector, one module at a time.
@@ -238,9 +253,9 @@ def methods() -> None:
 
 # -- the Prefect pipeline: run, check, serve ---------------------------------------------------------
 
-Workers = Annotated[int, typer.Option(help="Shards merged at once by the thread-pool task runner (default MERGEFLOW_WORKERS).")]
+Workers = Annotated[int, typer.Option(min=1, help="Shards merged at once by the thread-pool task runner (default MERGEFLOW_WORKERS).")]
 DaskAddress = Annotated[str | None, typer.Option(help="Run the tasks on this Dask scheduler, e.g. tcp://host:8786 (default MERGEFLOW_DASK_ADDRESS).")]
-DaskWorkers = Annotated[int, typer.Option(help="Run the tasks on a local Dask cluster of N worker processes (default MERGEFLOW_DASK_WORKERS).")]
+DaskWorkers = Annotated[int, typer.Option(min=0, help="Run the tasks on a local Dask cluster of N worker processes (default MERGEFLOW_DASK_WORKERS).")]
 Endpoint = Annotated[str | None, typer.Option(help="Hub URL (default HF_ENDPOINT).")]
 
 
@@ -257,6 +272,8 @@ def run(
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     endpoint: Endpoint = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    allow_nonfinite: AllowNonfinite = False,
+    allow_crimes: AllowCrimes = False,
 ) -> None:
     """Run the Prefect pipeline: resolve and check the models, download them, merge the shards in parallel into OUT.
 
@@ -277,7 +294,7 @@ def run(
         try:
             summary = merge_pipeline.with_options(task_runner=runner)(
                 recipe=recipe.absolute(), out=out.absolute(), shard_size=parse_size(shard_size), compute_dtype=compute_dtype,
-                force=force, device=device, endpoint=endpoint,
+                force=force, device=device, endpoint=endpoint, allow_nonfinite=allow_nonfinite, allow_crimes=allow_crimes,
             )
         except KeyboardInterrupt:
             raise Interrupted(interrupted_run_note(out)) from None
@@ -396,7 +413,7 @@ def sweep(
     recipe: Path,
     grid: Annotated[list[str], typer.Option("--grid", help="KEY=V1,V2,...: merge methods (method=ties,dare_ties) or a recipe parameter's values (density=0.3,0.5); repeat for each key.")],
     out: Annotated[Path | None, typer.Option(help="Folder of the candidates' recipes and merged models (default sweeps/RECIPE-NAME).")] = None,
-    workers: Annotated[int, typer.Option(help="Candidates merged at once.")] = settings.WORKERS,
+    workers: Annotated[int, typer.Option(min=1, help="Candidates merged at once.")] = settings.WORKERS,
     publish: Annotated[str | None, typer.Option(help="Hub repo id: send the best candidate through the gate and publish it there if it passes.")] = None,
     endpoint: Endpoint = None,
     params: Annotated[Path, typer.Option("--params", help="params.yaml with the eval: and gate: sections.")] = settings.PARAMS_FILE,
