@@ -18,7 +18,7 @@ from huggingface_hub import EvalResult as HubEvalResult
 from huggingface_hub import ModelCardData
 
 from merge_ops.lora import ADAPTER_CONFIG
-from mergeflow.evaluation import EvalResult
+from mergeflow.evaluation import EvalResult, score_cell
 from mergeflow.lineage import Lineage
 
 CARD_MARK = "<!-- mergeflow: evaluation and lineage, generated; edits below this line are replaced -->"
@@ -37,14 +37,14 @@ def _evaluation_section(merged: EvalResult, sources: dict[str, EvalResult], name
     lines = [
         "## Evaluation", "",
         f"[lm-evaluation-harness]({LM_EVAL_URL}) {merged.lm_eval_version}, each task's primary metric"
-        + (f" (documents per task limited to {lim})" if (lim := _limit(merged)) is not None else "") + ".", "",
+        + (f" (documents per task limited to {lim})" if (lim := _limit(merged)) is not None else "")
+        + (", ± its standard error as lm-eval computes it" if merged.stderrs else "") + ".", "",
         "| task | metric | this model | " + " | ".join(f"`{names.get(c, c)}`" for c in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     for task_name, metric in merged.primary.items():
-        cells = [sources[c].scores.get(task_name) for c in columns]
-        shown = " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
-        lines.append(f"| {task_name} | {metric} | **{merged.scores[task_name]:.4f}** | {shown} |")
+        shown = " | ".join(score_cell(sources[c], task_name) for c in columns)
+        lines.append(f"| {task_name} | {metric} | **{score_cell(merged, task_name)}** | {shown} |")
     return lines
 
 
