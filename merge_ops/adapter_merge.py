@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import yaml
 from pydantic import BaseModel
 from safetensors import safe_open
 
 from merge_ops.adapter_combination import COMBINATIONS, CombinationOptions, combine_module
+from merge_ops.card import card_data, reference_hub_id, render_card
 from merge_ops.errors import IncompatibleModelsError, ModelNotFoundError, RecipeError
 from merge_ops.finite import check_finite
 from merge_ops.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, module_scale, read_adapter_headers
@@ -315,12 +315,13 @@ def plan_adapter_merge(recipe: Recipe, folders: Mapping[str, Path] | None = None
 
 
 def _model_card(plan: AdapterMergePlan) -> str:
-    meta = {"base_model": plan.base_model, "library_name": "peft", "tags": ["merge", "mergeflow", "lora", plan.combination]}
+    repo = reference_hub_id(plan.base_model)
     listed = "\n".join(f"- `{a.key}` (weight {a.weight:g})" for a in plan.adapters)
     recipe = f"\n## Recipe\n\n```yaml\n{plan.recipe_text.strip()}\n```\n" if plan.recipe_text else ""
-    return (f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# Merged LoRA adapter\n\n"
-            f"Made with mergeflow: PEFT's **{plan.combination}** combination of LoRA adapters of `{plan.base_model}`.\n\n"
+    base = f"`{plan.base_model}`" + ("" if repo else " (local folder)")
+    body = (f"\n# Merged LoRA adapter\n\nMade with mergeflow: PEFT's **{plan.combination}** combination of LoRA adapters of {base}.\n\n"
             f"## Adapters merged\n\n{listed}\n{recipe}")
+    return render_card(card_data(method=plan.combination, hub_ids=[repo] if repo else [], adapter=True), body)
 
 
 def merge_adapters(

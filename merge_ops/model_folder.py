@@ -6,9 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from merge_ops.architecture import decoder_sections, layer_count_key, per_layer_keys
+from merge_ops.card import card_data, hub_id, render_card, sources_section
 from merge_ops.model_files import TOKENIZER_FILES, folder_file
 from merge_ops.plan import MergePlan
 from merge_ops.safetensors_io import INDEX_FILE
@@ -76,16 +75,15 @@ def write_tokenizer(plan: MergePlan, out_dir: Path) -> None:
 
 
 def model_card(plan: MergePlan) -> str:
-    """README.md with Hub metadata (base_model, tags, library_name) and the recipe verbatim."""
-    sources = list(plan.sources)
-    meta = {"base_model": sources, "library_name": "transformers", "tags": ["merge", "mergeflow", plan.method]}
-    listed = "\n".join(f"- `{s}`" for s in sources)
+    """README.md: Hub metadata (``base_model`` the Hub sources, ``base_model_relation: merge``, tags, library_name),
+    every source named in the body (local folders marked as such), and the recipe verbatim."""
+    hub = {key: hub_id(key, folder) for key, folder in plan.sources.items()}
     base = f"`{plan.base_model}` as the base" if plan.base_model else "no base model"
-    return (
-        f"---\n{yaml.safe_dump(meta, sort_keys=False)}---\n\n# Merged model\n\n"
-        f"Made with [mergeflow](https://pypi.org/project/mergeflow/) using the **{plan.method}** method with {base}.\n\n"
-        f"## Models merged\n\n{listed}\n\n## Recipe\n\n```yaml\n{plan.recipe_text.strip()}\n```\n"
+    body = (
+        f"\n# Merged model\n\nMade with [mergeflow](https://pypi.org/project/mergeflow/) using the **{plan.method}** method with {base}.\n\n"
+        f"{sources_section('Models merged', hub)}\n## Recipe\n\n```yaml\n{plan.recipe_text.strip()}\n```\n"
     )
+    return render_card(card_data(method=plan.method, hub_ids=[repo for repo in hub.values() if repo]), body)
 
 
 def write_model_files(plan: MergePlan, out_dir: Path) -> None:

@@ -1,35 +1,28 @@
 """The Hub model card of a merged model.
 
-``write_hub_card`` extends the engine's README.md (front matter + recipe) with the Hub's merge conventions:
-``base_model`` lists the sources' Hub ids, ``base_model_relation: merge``, ``tags`` include ``merge``,
-``mergeflow`` and the method, ``library_name: transformers`` and a ``model-index`` with the lm-eval results;
-the body gains an evaluation table and a lineage table. A merged LoRA adapter (a folder with adapter_config.json)
-follows the Hub's adapter conventions instead: ``library_name: peft``, ``base_model`` the base it adapts,
-``base_model_relation: adapter``, tags ``lora`` and ``peft``. It holds nothing run-specific (no run ids, no times),
-so the same model and scores give the same card, and publishing it again makes no commit.
+``write_hub_card`` extends the engine's README.md (front matter + recipe) with evaluation and lineage, through
+the engine's own card builder (``merge_ops.card``, on huggingface_hub's ModelCard/ModelCardData): ``base_model``
+lists the sources' Hub ids (local sources are named in the body only), ``base_model_relation: merge``, ``tags``
+include ``merge``, ``mergeflow`` and the method, ``library_name: transformers`` and a ``model-index`` with the
+lm-eval results; the body gains an evaluation table (± standard errors) and a lineage table. A merged LoRA
+adapter (a folder with adapter_config.json) follows the Hub's adapter conventions instead: ``library_name: peft``,
+``base_model`` the base it adapts, ``base_model_relation: adapter``, tags ``lora`` and ``peft``. It holds nothing
+run-specific (no run ids, no times), so the same model and scores give the same card, and publishing it again
+makes no commit.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import yaml
 from huggingface_hub import EvalResult as HubEvalResult
-from huggingface_hub import ModelCardData
 
+from merge_ops.card import card_data, read_card, render_card
 from merge_ops.lora import ADAPTER_CONFIG
-from mergeflow.evaluation import EvalResult
+from mergeflow.evaluation import EvalResult, score_cell
 from mergeflow.lineage import Lineage
 
 CARD_MARK = "<!-- mergeflow: evaluation and lineage, generated; edits below this line are replaced -->"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
-
-
-def _split_card(text: str) -> tuple[dict[str, Any], str]:
-    if text.startswith("---\n"):
-        _, header, body = text.split("---\n", 2)
-        return yaml.safe_load(header) or {}, body
-    return {}, text
 
 
 def _evaluation_section(merged: EvalResult, sources: dict[str, EvalResult], names: dict[str, str]) -> list[str]:
@@ -37,14 +30,14 @@ def _evaluation_section(merged: EvalResult, sources: dict[str, EvalResult], name
     lines = [
         "## Evaluation", "",
         f"[lm-evaluation-harness]({LM_EVAL_URL}) {merged.lm_eval_version}, each task's primary metric"
-        + (f" (documents per task limited to {lim})" if (lim := _limit(merged)) is not None else "") + ".", "",
+        + (f" (documents per task limited to {lim})" if (lim := _limit(merged)) is not None else "")
+        + (", ± its standard error as lm-eval computes it" if merged.stderrs else "") + ".", "",
         "| task | metric | this model | " + " | ".join(f"`{names.get(c, c)}`" for c in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     for task_name, metric in merged.primary.items():
-        cells = [sources[c].scores.get(task_name) for c in columns]
-        shown = " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
-        lines.append(f"| {task_name} | {metric} | **{merged.scores[task_name]:.4f}** | {shown} |")
+        shown = " | ".join(score_cell(sources[c], task_name) for c in columns)
+        lines.append(f"| {task_name} | {metric} | **{score_cell(merged, task_name)}** | {shown} |")
     return lines
 
 
@@ -82,10 +75,9 @@ def hub_card(
         model_name: the ``model-index`` name (the repo's name).
         adapter: the card of a merged LoRA adapter (adapter conventions), not of a merged model.
     """
-    meta, body = _split_card(card_text)
+    meta, body = read_card(card_text)
     body = body.split(CARD_MARK)[0].rstrip() + "\n"
-    keep = {k: v for k, v in meta.items() if k not in ("base_model", "base_model_relation", "model-index", "tags", "library_name")}
-    tags = list(dict.fromkeys([*(meta.get("tags") or []), "merge", "mergeflow", lineage.method, *(("lora", "peft") if adapter else ())]))
+    keep = {k: v for k, v in meta.items() if k not in ("base_model", "base_model_relation", "model-index", "eval_results", "model_name", "tags", "library_name")}
     hub_ids = [s.repo_id for s in lineage.sources if s.is_base and s.repo_id] if adapter else lineage.hub_base_models
     results = [
         HubEvalResult(
@@ -94,14 +86,11 @@ def hub_card(
         )
         for task_name, metric in merged.primary.items()
     ]
-    relation: dict[str, Any] = {"base_model_relation": "adapter" if adapter else "merge"} if hub_ids else {}
-    data = ModelCardData(
-        base_model=(hub_ids[0] if adapter else hub_ids) if hub_ids else None, library_name="peft" if adapter else "transformers", tags=tags, model_name=model_name, eval_results=results or None,
-        **relation, **keep,
-    )
+    data = card_data(method=lineage.method, hub_ids=hub_ids, adapter=adapter, tags=meta.get("tags") or [], model_name=model_name,
+                     eval_results=results or None, **keep)
     names = {s.key: s.label for s in lineage.sources}
     extension = [CARD_MARK, "", *_evaluation_section(merged, sources or {}, names), "", *_lineage_section(lineage)]
-    return f"---\n{data.to_yaml()}\n---\n{body}\n" + "\n".join(extension) + "\n"
+    return render_card(data, f"{body}\n" + "\n".join(extension) + "\n")
 
 
 def write_hub_card(folder: Path, *, lineage: Lineage, merged: EvalResult, sources: dict[str, EvalResult] | None = None, model_name: str | None = None) -> Path:

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from merge_ops.recipe_file import parse_recipe_yaml, read_recipe_text
 from merge_ops.recipe_variants import vary_recipe
-from mergeflow.evaluation import EvalResult, mean_score
+from mergeflow.evaluation import EvalResult, mean_score, mean_score_stderr
 from mergeflow.files import write_atomic
 from mergeflow.gate import GateDecision, Outcome
 from mergeflow.hub import Published
@@ -95,9 +95,10 @@ def read_merge_stats(path: Path) -> MergeStats | None:
 
 
 def write_scores(merged: EvalResult, sources: dict[str, EvalResult], metrics_out: Path, plot_out: Path) -> dict[str, object]:
-    """DVC metrics (merged scores, mean, gain over the best source) and a per-task plot table (merged vs best source).
+    """DVC metrics (merged scores, mean, gain over the best source, standard errors) and a per-task plot table (merged vs best source).
 
-    Scores are each task's primary metric, groups left out; the mean is over those tasks.
+    Scores are each task's primary metric, groups left out; the mean is over those tasks. ``stderr`` holds
+    lm-eval's standard errors of the same scores (a task without one is left out) and of the merged mean.
     """
     tasks = list(merged.task_scores)
     best = max((mean_score(r.task_scores) for r in sources.values()), default=0.0)
@@ -107,6 +108,11 @@ def write_scores(merged: EvalResult, sources: dict[str, EvalResult], metrics_out
         "best_source_mean": best,
         "gain": mean_score(merged.task_scores) - best,
         "sources": {key: r.task_scores for key, r in sources.items()},
+        "stderr": {
+            "merged": merged.task_stderrs,
+            "mean": mean_score_stderr(merged.task_stderrs, tasks),
+            "sources": {key: r.task_stderrs for key, r in sources.items()},
+        },
     }
     rows = [{"task": t, "merged": merged.task_scores[t], "best_source": max((r.task_scores[t] for r in sources.values()), default=0.0)} for t in tasks]
     write_atomic(plot_out, json.dumps(rows, indent=2) + "\n")

@@ -7,7 +7,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from mergeflow.evaluation import EvalResult, EvalSettings, evaluate_model, evaluation_report
+from mergeflow.evaluation import EvalResult, EvalSettings, evaluate_model, evaluation_report, plus_minus
 from tasks.retries import LOCAL
 
 
@@ -15,7 +15,7 @@ from tasks.retries import LOCAL
 def evaluate_model_task(model_dir: Path, evaluation: EvalSettings, label: str, cache_dir: Path | None = None, base: Path | None = None) -> EvalResult:
     """lm-eval on one model folder, or on a PEFT adapter folder applied to ``base`` (cached by content hash and settings)."""
     result = evaluate_model(model_dir, **evaluation.model_dump(), base=base, cache_dir=cache_dir)
-    scores = ", ".join(f"{t} {v:.3f}" for t, v in result.scores.items())
+    scores = ", ".join(f"{t} {plus_minus(v, result.stderrs.get(t), 3)}" for t, v in result.scores.items())
     get_run_logger().info("%s: %s (%s)", label, scores, "cached" if result.cached else f"{result.seconds:.1f} s")
     return result
 

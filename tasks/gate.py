@@ -13,7 +13,10 @@ from tasks.retries import LOCAL
 @task(name="apply_gate", **LOCAL)
 def apply_gate_task(policy: GatePolicy, merged: EvalResult, sources: dict[str, EvalResult]) -> GateDecision:
     """Decide whether the merged model may be published; the decision becomes an artifact."""
-    decision = apply_gate(policy, merged.scores, {n: r.scores for n, r in sources.items()}, groups=merged.groups)
+    decision = apply_gate(
+        policy, merged.scores, {n: r.scores for n, r in sources.items()}, groups=merged.groups,
+        merged_stderrs=merged.stderrs, source_stderrs={n: r.stderrs for n, r in sources.items()},
+    )
     create_markdown_artifact(decision.markdown(), key="gate-decision", description=f"gate for {merged.model_dir.name}")
     logger = get_run_logger()
     if decision.passed:

@@ -135,7 +135,9 @@ def test_model_card_has_hub_metadata_and_recipe(family: dict[str, Path], tmp_pat
     card = (tmp_path / "out" / "README.md").read_text()
     meta = card.split("---")[1]
     assert "library_name: transformers" in meta and "- merge\n" in meta and "- mergeflow\n" in meta
-    assert str(family["ft_neg"]) in meta
+    # local folders are no Hub ids: named in the body, not in base_model
+    assert "base_model" not in meta and str(family["ft_neg"]) not in meta
+    assert f"- `{family['ft_neg']}` (local folder)" in card
     assert "merge_method: ties" in card
 
 

@@ -1,19 +1,27 @@
-"""evaluate_model: real lm-eval on the demo family's local tasks and LoRA adapters, the raw JSON, and the content-hash cache."""
+"""evaluate_model: real lm-eval on the demo family's local tasks and LoRA adapters, standard errors, the raw JSON, the
+content-hash cache, and local tasks mixed with lm-eval's registered ones."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lm_eval
 import pytest
 from evaluate_publish_helpers import EVALS
+from huggingface_hub import HfApi
 from peft import PeftModel
+from pipeline_helpers import hub_online
 from transformers import LlamaForCausalLM
 
 from mergeflow.errors import EvaluationError
 from mergeflow.evaluation import evaluate_model
 from mergeflow.files import model_content_hash
+from mergeflow.local_hub import LocalHub
 
 # Plugins, not imports: imported fixtures would be one session fixture per module (one family build each).
 pytest_plugins = ["demo_family_fixtures"]
@@ -51,6 +59,11 @@ def test_scores_per_task_and_the_raw_results_json(demo_family, demo_env, tmp_pat
     assert raw["results"]["skill_add"]["exact_match,none"] == result.scores["skill_add"]
     assert raw["config"]["limit"] == LIMIT and raw["n-samples"]["skill_add"]["effective"] == LIMIT
     assert result.raw_path.parent == tmp_path / "cache" and result.content_hash == model_content_hash(demo_family.models["add"])
+    # exact match is a mean: lm-eval's closed-form standard error, the sample standard deviation over sqrt(n)
+    p = result.scores["skill_add"]
+    assert result.stderrs["skill_add"] == pytest.approx(math.sqrt(p * (1 - p) / (LIMIT - 1)))
+    assert raw["results"]["skill_add"]["exact_match_stderr,none"] == result.metrics["skill_add"]["exact_match_stderr"]
+    assert raw["config"]["bootstrap_iters"] == 1000
 
 
 @pytest.mark.slow  # real lm-eval on the demo family
@@ -69,6 +82,9 @@ def test_same_content_evaluates_once_wherever_it_lives(demo_family, demo_env, tm
     assert not other_limit.cached and not other_model.cached and len(calls) == 3
     assert len({first.cache_key, other_limit.cache_key, other_model.cache_key}) == 3
     assert other_model.scores["skill_reverse"] >= 0.9
+
+    no_stderr = evaluate(copy, cache, bootstrap_iters=0)
+    assert not no_stderr.cached and no_stderr.scores == first.scores and no_stderr.stderrs == {} and first.stderrs
 
 
 @pytest.mark.slow  # real lm-eval on the demo family
@@ -117,3 +133,35 @@ def test_an_adapter_needs_its_base_and_a_full_model_none(tmp_path: Path, calls: 
     with pytest.raises(EvaluationError, match="is not a PEFT adapter folder .*evaluate it without a base"):
         evaluate(model, tmp_path / "cache", base=adapter)
     assert calls == []
+
+
+MIXED = """
+import json, sys
+from pathlib import Path
+from mergeflow.evaluation import evaluate_model
+model, evals, cache = map(Path, sys.argv[1:])
+result = evaluate_model(model, tasks=["skill_add", "arithmetic_1dc"], include_path=evals, limit=6, batch_size=32, dtype="float32", cache_dir=cache)
+print(json.dumps({"metrics": result.metrics, "primary": result.primary}))
+"""
+
+
+@pytest.mark.slow  # indexes lm-eval's ~15k registered tasks (~30 s), then real lm-eval
+def test_local_and_registered_tasks_in_one_evaluation(demo_family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # arithmetic_1dc is lm-eval's own task, unchanged: it reads hf://datasets/EleutherAI/arithmetic/data/...jsonl,
+    # served here by the local Hub (offline) with six questions of that file's format.
+    rows = [{"context": f"Question: What is {a} + {b}?\nAnswer:", "completion": f" {a + b}"} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1), (4, 4), (0, 3)]]
+    hub_online(tmp_path, monkeypatch)
+    with LocalHub(tmp_path / "hub") as hub:
+        api = HfApi(endpoint=hub.endpoint)
+        api.create_repo("EleutherAI/arithmetic", repo_type="dataset")
+        api.upload_file(path_or_fileobj="".join(json.dumps(r) + "\n" for r in rows).encode(), path_in_repo="data/single_digit_three_ops.jsonl",
+                        repo_id="EleutherAI/arithmetic", repo_type="dataset")
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env.update(HF_ENDPOINT=hub.endpoint, HF_HOME=str(tmp_path / "hf_home"), TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, "-c", MIXED, str(demo_family.models["add"]), str(EVALS), str(tmp_path / "cache")],
+                              env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["primary"] == {"skill_add": "exact_match", "arithmetic_1dc": "acc"}
+    assert set(result["metrics"]["arithmetic_1dc"]) == {"acc", "acc_stderr"} and 0.0 <= result["metrics"]["arithmetic_1dc"]["acc"] <= 1.0
+    assert result["metrics"]["skill_add"]["exact_match"] >= 0.5

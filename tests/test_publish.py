@@ -61,11 +61,11 @@ def test_card_follows_the_hub_merge_conventions(merged: Path, tmp_path: Path) ->
     assert results == {"skill_add": ("text-generation", "exact_match", 0.6), "skill_reverse": ("text-generation", "exact_match", 0.85)}
     text = card.read_text()
     assert "merge_method: ties" in text and engine_card.split("---\n", 2)[2].strip() in text  # the engine's body and recipe
-    assert "| task | metric | this model | `mergeflow/ft_a@bbbbbbbbbbbb` |" in text and "| skill_add | exact_match | **0.6000** | 0.8000 |" in text
+    assert "| task | metric | this model | `mergeflow/ft_a@bbbbbbbbbbbb` |" in text and "| skill_add | exact_match | **0.6000 ± 0.0100** | 0.8000 ± 0.0100 |" in text
     assert f"| base | `mergeflow/base` | main | `{'a' * 40}` |" in text
     assert f"| source | `mergeflow/ft_a` | main | `{'b' * 40}` |" in text
     assert f"content sha256 `{'f' * 64}`" in text and f"Recipe sha256 `{'d' * 64}`" in text
-    assert "(documents per task limited to 40)" in text
+    assert "(documents per task limited to 40), ± its standard error as lm-eval computes it." in text
     assert ModelCard.load(card).data.base_model == meta["base_model"]
 
 

@@ -85,9 +85,11 @@ def test_the_run_holds_params_metrics_lineage_and_artifacts(mlflow_store: str, m
     data = client.get_run(run.run_id).data
     assert data.params["merge_method"] == "ties" and data.params["models.1.parameters.density"] == "0.5"
     assert data.params["eval.limit"] == "40" and data.params["gate.max_regression"] == "0.02" and data.params["plan_sha256"] == "9" * 64
+    assert data.params["eval.bootstrap_iters"] == "1000" and data.params["gate.stderr_margin"] == "2.0"
     assert data.metrics["eval/merged/skill_add/exact_match"] == 0.6
     assert data.metrics["eval/merged/skill_add/exact_match_stderr"] == 0.01
     assert data.metrics["eval/source/mergeflow/ft_b/skill_reverse/exact_match"] == 0.95
+    assert data.metrics["eval/source/mergeflow/ft_b/skill_reverse/exact_match_stderr"] == 0.01
     assert data.metrics["eval/source/mergeflow/base/skill_add/exact_match"] == 0.0
     assert data.metrics["merge/seconds"] == 1.5 and data.metrics["merge/peak_rss_bytes"] == 300_000_000
     assert data.metrics["merge/throughput_bytes_per_s"] == 2e6 and data.metrics["merge/output_bytes"] == 1234

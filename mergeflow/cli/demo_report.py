@@ -29,19 +29,23 @@ def run_dvc_repro(project: Path, console: Console) -> None:
 
 
 def print_demo_report(project: Path, out: Console) -> None:
-    """The scores table (merged vs each source), the gate's verdict, and where to look next."""
-    from mergeflow.evaluation import mean_score
+    """The scores table (merged vs each source, ± lm-eval's standard errors), the gate's verdict, and where to look next."""
+    from mergeflow.evaluation import mean_score, mean_score_stderr, plus_minus
     from mergeflow.tracking import resolve_tracking_uri  # imports mlflow: only once the pipeline is done
 
     metrics = json.loads((project / METRICS).read_text())
     outcome = json.loads((project / OUTCOME).read_text())
     rows = {"merged": metrics["merged"], **metrics["sources"]}
+    stderr = metrics.get("stderr", {})
+    stderrs = {"merged": stderr.get("merged", {}), **stderr.get("sources", {})}
     tasks = list(metrics["merged"])
-    table = Table(title="scores (primary metric per task)")
+    table = Table(title="scores (primary metric per task ± standard error)")
     for column in ("model", *tasks, "mean"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, scores in rows.items():
-        table.add_row(name, *(f"{scores[t]:.3f}" if t in scores else "-" for t in tasks), f"{mean_score(scores):.3f}")
+        se = stderrs.get(name, {})
+        cells = [plus_minus(scores[t], se.get(t), 3) if t in scores else "-" for t in tasks]
+        table.add_row(name, *cells, plus_minus(mean_score(scores), mean_score_stderr(se, list(scores)), 3))
     out.print(table)
     gate = "passed" if outcome["gate_passed"] else "failed: " + "; ".join(outcome["gate_reasons"])
     published = (
