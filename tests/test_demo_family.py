@@ -152,6 +152,7 @@ TINY = FamilySettings(
 TINY_ADAPTERS = AdapterSettings(skills={"add": TrainSettings(steps=1, learning_rate=1e-3)})
 
 
+@pytest.mark.slow  # five builds, each training in its own child process (run_pinned): 80 s on the loaded 2-core machine
 def test_adapters_have_their_own_key_under_the_family(tmp_path):
     torch.set_num_threads(1)
     family = build_family(tmp_path / "family", settings=TINY)
