@@ -12,7 +12,8 @@ computes, so the training runs in a child process started with ``PINNED``:
   ``MKL_CBWR=AVX2`` gave the unpinned bytes).
 
 oneDNN plays no part (``ONEDNN_MAX_CPU_ISA`` does not change the bytes), nor does ``MKL_ENABLE_INSTRUCTIONS``
-once the branch is pinned. The price: training about 1.5 times slower. What stays outside: another torch, MKL or
+once the branch is pinned. The price: training takes about twice the CPU time (mostly MKL's COMPATIBLE
+branch). What stays outside: another torch, MKL or
 glibc version, and non-x86 CPUs (no MKL there).
 """
 
