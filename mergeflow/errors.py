@@ -80,3 +80,15 @@ class TrackingError(MergeflowError, RuntimeError):
             f"MLflow at {uri} refused the request: {detail}; check MLFLOW_TRACKING_URI (unset it to use the local ./mlruns store) "
             "and the tracking server's credentials (MLFLOW_TRACKING_TOKEN / MLFLOW_TRACKING_USERNAME)"
         )
+
+
+class DemoBuildError(MergeflowError, RuntimeError):
+    """The demo family's training failed in its child process (its traceback is on stderr above the message)."""
+
+    def __init__(self, step: str, returncode: int) -> None:
+        self.step = step
+        self.returncode = returncode
+        super().__init__(
+            f"building the demo family failed in {step} (child process exit {returncode}); read the traceback above, "
+            "fix its cause and run `mergeflow demo-models OUT --force` again"
+        )

@@ -1,7 +1,8 @@
 """Session fixtures for the demo skills family, shared by test_demo_family.py and test_evals.py.
 
-The family is built once per session (~1.5-2 minutes on one core); its LoRA adapters (about as long again)
-only for the tests that ask for ``demo_adapters``. The determinism test needs a second, independent build
+The family is built once per session; its LoRA adapters (about as long again) only for the tests that ask for
+``demo_adapters``. Both train in ``run_pinned``'s child (portable kernels): 10 CPU-minutes together, 38 minutes
+on the 2-core machine under a load of 7-9 (measured). The determinism test needs a second, independent build
 (family and adapters); it starts at once in a subprocess (``python -m mergeflow.demo_family --force``) so the
 two builds run side by side on the two cores instead of one after the other.
 """

@@ -30,9 +30,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 from mergeflow.demo_family.build import BASE, FamilySummary, front_matter, staged
+from mergeflow.demo_family.pinned import run_pinned
 from mergeflow.demo_family.skills import SKILLS, pretraining_item
 from mergeflow.demo_family.tokenizer import build_tokenizer
-from mergeflow.demo_family.training import TrainSettings, accuracy, deterministic_cpu, train
+from mergeflow.demo_family.training import TrainSettings, accuracy, train
 
 ADAPTERS = "adapters"
 MARKER = "adapters.json"
@@ -96,9 +97,8 @@ def build_adapters(family: FamilySummary, *, force: bool = False, settings: Adap
     out_dir = family.root / ADAPTERS
     cached = not force and (out_dir / MARKER).is_file() and json.loads((out_dir / MARKER).read_text()).get("key") == key
     if not cached:
-        with staged(out_dir) as staging, deterministic_cpu():
-            for skill in settings.skills:
-                _train_adapter(family.models[BASE], staging / skill, skill, settings)
+        with staged(out_dir) as staging:
+            run_pinned(_train_adapters, family.models[BASE], staging, settings)  # the same bytes on every x86-64 CPU
             (staging / MARKER).write_text(json.dumps({"key": key, "adapters": list(settings.skills)}, indent=2) + "\n")
     return FamilySummary(
         root=out_dir,
@@ -123,6 +123,12 @@ def family_adapters(out_dir: Path) -> dict[str, Path]:
 
 def _is_lora(name: str) -> bool:
     return "lora_" in name
+
+
+def _train_adapters(base_dir: Path, folder: Path, settings: AdapterSettings) -> None:
+    """Train one adapter per skill of ``settings`` into ``folder/<skill>``, one after the other (in ``run_pinned``'s child)."""
+    for skill in settings.skills:
+        _train_adapter(base_dir, folder / skill, skill, settings)
 
 
 def _train_adapter(base_dir: Path, out: Path, skill: str, settings: AdapterSettings) -> None:

@@ -10,6 +10,9 @@ Layout of ``out_dir`` (every folder is a Hugging Face model folder)::
       family.json   the content key and the model names; written last
       adapters/  LoRA adapters of base, one per skill: not built here but by ``adapters.build_adapters``
 
+The training runs in a child process whose torch and MKL use the same arithmetic on every x86-64 CPU
+(``pinned.run_pinned``), so the bytes do not depend on the machine's vector ISA.
+
 The key hashes the settings, the source of this package and the library versions. A build goes into a
 temporary sibling folder that replaces ``out_dir`` only when complete, so an interrupted build never
 leaves a half-built family, and an up-to-date ``out_dir`` returns at once.
@@ -32,16 +35,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from mergeflow.demo_family.pinned import run_pinned
 from mergeflow.demo_family.skills import SKILLS, pretraining_item
 from mergeflow.demo_family.tokenizer import build_tokenizer, save_tokenizer
-from mergeflow.demo_family.training import (
-    ModelShape,
-    TrainSettings,
-    accuracy,
-    deterministic_cpu,
-    new_model,
-    train,
-)
+from mergeflow.demo_family.training import ModelShape, TrainSettings, accuracy, new_model, train
 
 MARKER = "family.json"
 BASE = "base"
@@ -124,8 +121,8 @@ def build_family(out_dir: Path, *, force: bool = False, settings: FamilySettings
     if not force and marker.exists() and json.loads(marker.read_text()).get("key") == key:
         return _summary(out_dir, key, names, cached=True, started=started)
 
-    with staged(out_dir) as staging, deterministic_cpu():
-        _build_into(staging, settings)
+    with staged(out_dir) as staging:
+        run_pinned(_build_into, staging, settings)  # the same bytes on every x86-64 CPU
         (staging / MARKER).write_text(json.dumps({"key": key, "models": list(names)}, indent=2) + "\n")
     return _summary(out_dir, key, names, cached=False, started=started)
 
@@ -177,7 +174,7 @@ def _replace(out_dir: Path, staging: Path) -> None:
 
 
 def _build_into(folder: Path, settings: FamilySettings) -> None:
-    """Train and save the base, then each fine-tune, one after the other (on one thread).
+    """Train and save the base, then each fine-tune, one after the other (on one thread, in ``run_pinned``'s child).
 
     (Fine-tunes in parallel processes were slower on the shared 2-core machine: 127 s vs 88 s.)
     """

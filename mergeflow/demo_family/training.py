@@ -2,7 +2,8 @@
 
 Determinism (``deterministic_cpu``): one torch thread, ``torch.manual_seed`` before the weights are
 initialised, a ``random.Random(seed)`` for the data, ``torch.use_deterministic_algorithms(True)``, no dropout. The
-same settings give the same safetensors bytes run to run on the same torch build.
+same settings give the same safetensors bytes run to run on the same torch build, and on every x86-64 CPU when run
+through ``pinned.run_pinned`` (as ``build_family`` and ``build_adapters`` do).
 
 Loss is on the answer tokens only (answer, newline, ``</s>``): the prompt is the condition.
 """
