@@ -113,11 +113,14 @@ def test_sweep_ranks_tracks_and_publishes_the_best(
     (tmp_path / "demo-family").symlink_to(demo_family.root)
     recipe = Path(shutil.copyfile(RECIPE, tmp_path / RECIPE.name))
     out = tmp_path / "sweeps" / "skills-ties"
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["gate"]["stderr_margin"] = 0.0  # 20 items per task: the default 2-standard-error margin is wider than any gain
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with LocalHub(tmp_path / "hub") as hub:
         api = HfApi(endpoint=hub.endpoint)
         result = sweep.with_options(task_runner=make_task_runner(workers=2))(
             recipe=recipe, grid=parse_grid(GRID), out=out, publish_repo=BEST_REPO, endpoint=hub.endpoint,
-            evaluation=EVALUATION, params_file=REPO / "params.yaml",
+            evaluation=EVALUATION, params_file=tmp_path / "params.yaml",
         )
 
         # Three candidates (task_arithmetic once), ranked by mean task score, ties broken by name
