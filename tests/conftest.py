@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,20 @@ from tiny_family import build_family  # noqa: E402
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A float32 tiny Llama family (base, ft_a, ft_b, ft_neg), each a single safetensors file."""
     return build_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture
+def models(family: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """Copies of the family's base, ft_a and ft_b for tests that may break them (the shared family stays intact whatever they do)."""
+    return {k: Path(shutil.copytree(family[k], tmp_path / "models" / k)) for k in ("base", "ft_a", "ft_b")}
+
+
+@pytest.fixture
+def wide_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's error console 1000 columns wide: one error line stays one line in the captured output."""
+    from mergeflow.cli import console_errors
+
+    monkeypatch.setattr(console_errors.console, "width", 1000)
 
 
 @pytest.fixture(scope="session")

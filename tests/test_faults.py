@@ -6,7 +6,6 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from output_cases import merge_cli, runner, tree_hashes
 
 import merge_ops.direct_io
 from flows.merge_pipeline import merge_pipeline  # noqa: F401  (Prefect sets up its log handlers on import, with the real stderr)
@@ -28,21 +27,10 @@ from merge_ops.output_folder import lock_file, output_lock, output_write_errors
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
 from merge_ops.stop import STOP, MergeStopped
-from mergeflow.cli import app, console_errors
+from mergeflow.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def wide_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One error line stays one line in the captured output."""
-    monkeypatch.setattr(console_errors.console, "width", 1000)
-
-
-@pytest.fixture
-def models(family: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
-    return {k: Path(shutil.copytree(family[k], tmp_path / "models" / k)) for k in ("base", "ft_a", "ft_b")}
+pytestmark = pytest.mark.usefixtures("wide_errors")
 
 
 @pytest.fixture
@@ -54,21 +42,12 @@ def recipe(models: dict[str, Path], tmp_path: Path) -> Path:
     return path
 
 
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture
 def inputs_unchanged(models: dict[str, Path], recipe: Path) -> Iterator[None]:
     """The models and the recipe are byte-identical after the test."""
     before = {p: tree_hashes(p) for p in [*models.values(), recipe.parent]}
     yield
     assert {p: tree_hashes(p) for p in before} == before
-
-
-def merge_cli(recipe: Path, out: Path, *extra: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["merge", str(recipe), str(out), "--shard-size", "20KB", *extra])
-    return result.exit_code, " ".join(result.output.split())
 
 
 def nothing_beside(out: Path) -> list[str]:

@@ -3,14 +3,13 @@ killed runs' staging folders are removed."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from output_cases import merge_cli, runner, tree_hashes
 
 import merge_ops.engine
 import mergeflow.staging
@@ -20,21 +19,9 @@ from merge_ops.errors import OutputExistsError, OutputIsInputError, OutputLocked
 from merge_ops.output_folder import lock_file, move_into_place, output_lock
 from merge_ops.plan import plan_merge
 from merge_ops.recipe_file import load_recipe
-from mergeflow.cli import app, console_errors
+from mergeflow.cli import app
 
-runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def wide_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One error line stays one line in the captured output."""
-    monkeypatch.setattr(console_errors.console, "width", 1000)
-
-
-@pytest.fixture
-def models(family: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
-    """Copies of the tiny family (the refusals below must not touch the shared one even if they failed)."""
-    return {k: Path(shutil.copytree(family[k], tmp_path / "models" / k)) for k in ("base", "ft_a", "ft_b")}
+pytestmark = pytest.mark.usefixtures("wide_errors")
 
 
 def write_recipe(folder: Path, models: dict[str, Path]) -> Path:
@@ -43,15 +30,6 @@ def write_recipe(folder: Path, models: dict[str, Path]) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(models["base"]), "models": two, "dtype": "bfloat16"}))
     return path
-
-
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def merge_cli(recipe: Path, out: Path, *extra: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["merge", str(recipe), str(out), "--shard-size", "20KB", *extra])
-    return result.exit_code, " ".join(result.output.split())
 
 
 def on_finalize(monkeypatch: pytest.MonkeyPatch, hook: Callable[[], None]) -> None:
